@@ -1,0 +1,3 @@
+"""batchd_server: pack datasets into flat files and serve them as training batches."""
+
+__all__: list[str] = []
