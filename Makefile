@@ -20,6 +20,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check client server tests benchmarks
+	$(BIN)/ruff format --check client server tests benchmarks
 	$(BIN)/mypy
 	KERAS_BACKEND=torch $(BIN)/pytest
 

@@ -49,6 +49,7 @@ ALLOWED_DTYPES: frozenset[str] = frozenset(
 )
 
 _BIN32 = b"\xc6"
+_MAX_DEPTH = 8  # a batch nests 4 deep; anything deeper is not a batch
 
 
 def wire_dtype(dtype: np.dtype[Any] | str) -> str:
@@ -165,11 +166,12 @@ class _Reader:
     ``bin`` values come back as (offset, length), never copied.
     """
 
-    __slots__ = ("buf", "pos")
+    __slots__ = ("buf", "depth", "pos")
 
     def __init__(self, buf: memoryview) -> None:
         self.buf = buf
         self.pos = 0
+        self.depth = 0
 
     def _take(self, n: int) -> memoryview:
         end = self.pos + n
@@ -183,6 +185,15 @@ class _Reader:
         return int.from_bytes(self._take(n), "big")
 
     def value(self) -> Any:
+        if self.depth > _MAX_DEPTH:
+            raise WireError(f"nesting deeper than {_MAX_DEPTH} at byte {self.pos}")
+        self.depth += 1
+        try:
+            return self._value()
+        finally:
+            self.depth -= 1
+
+    def _value(self) -> Any:
         b = self._take(1)[0]
         if b <= 0x7F:
             return b
@@ -249,7 +260,9 @@ def _array(buf: Any, spec: Any, what: str, rows: int | None) -> NDArray[Any]:
         raise WireError(f"{what}: expected a map with dtype, shape and data")
     dtype, shape, data = spec["dtype"], spec["shape"], spec["data"]
     if dtype not in ALLOWED_DTYPES:
-        raise WireError(f"{what}: dtype {dtype!r} is not allowed; allowed: {sorted(ALLOWED_DTYPES)}")
+        raise WireError(
+            f"{what}: dtype {dtype!r} is not allowed; allowed: {sorted(ALLOWED_DTYPES)}"
+        )
     if (
         not isinstance(shape, list)
         or not shape
@@ -277,7 +290,7 @@ def decode(buf: bytes | bytearray | memoryview | NDArray[np.uint8]) -> Batch:
     The arrays view ``buf``: they are writable exactly when ``buf`` is, and keep it alive.
     Raises :class:`WireError` naming what is wrong for anything but a well-formed batch.
     """
-    view = memoryview(buf).cast("B")
+    view = memoryview(buf).cast("B")  # type: ignore[arg-type]  # ndarray is a Buffer
     reader = _Reader(view)
     top = reader.value()
     if reader.pos != len(view):
@@ -299,7 +312,9 @@ def decode(buf: bytes | bytearray | memoryview | NDArray[np.uint8]) -> Batch:
     if not isinstance(fields_spec, dict):
         raise WireError("fields is not a map")
     rows = len(index)
-    fields = {name: _array(buf, spec, f"field {name!r}", rows) for name, spec in fields_spec.items()}
+    fields = {
+        name: _array(buf, spec, f"field {name!r}", rows) for name, spec in fields_spec.items()
+    }
     return Batch(
         dataset=top["dataset"],
         fingerprint=top["fingerprint"],
