@@ -1,3 +1,37 @@
 """batchd_server: pack datasets into flat files and serve them as training batches."""
 
-__all__: list[str] = []
+from .format import (
+    FORMAT_VERSION,
+    Dataset,
+    DatasetWriter,
+    Encoded,
+    FieldSpec,
+    open_dataset,
+    verify,
+)
+from .pack import (
+    PackOptions,
+    PackSummary,
+    pack,
+    pack_arrays,
+    pack_csv,
+    pack_folder,
+    pack_samples,
+)
+
+__all__ = [
+    "FORMAT_VERSION",
+    "Dataset",
+    "DatasetWriter",
+    "Encoded",
+    "FieldSpec",
+    "PackOptions",
+    "PackSummary",
+    "open_dataset",
+    "pack",
+    "pack_arrays",
+    "pack_csv",
+    "pack_folder",
+    "pack_samples",
+    "verify",
+]

@@ -1,0 +1,803 @@
+"""The packer: image folders, CSVs, numpy arrays and sample iterables into a dataset.
+
+Images are decoded in a thread pool (OpenCV releases the GIL), in blocks, and
+written in input order as each block completes, so memory holds a few blocks,
+never the dataset. Everything that can be checked before decoding (empty input,
+missing columns, non-numeric targets, bad options) is, so a long pack does not
+fail at the end for a reason it could have given at the start.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal, cast
+
+import numpy as np
+from numpy.typing import NDArray
+
+from .errors import ConfigError, PackError
+from .format import (
+    HEADER_NAME,
+    DatasetWriter,
+    Encoded,
+    FieldSpec,
+    Role,
+    _le_dtype,
+    _progress_bar,
+    decode_image,
+    open_dataset,
+)
+
+__all__ = [
+    "PackOptions",
+    "PackSummary",
+    "pack",
+    "pack_arrays",
+    "pack_csv",
+    "pack_folder",
+    "pack_samples",
+]
+
+Mode = Literal["raw", "encoded"]
+Policy = Literal["resize", "center-crop", "letterbox"]
+OnError = Literal["stop", "skip"]
+PATH_COLUMNS = ("image", "path", "filename")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PackOptions:
+    """How to pack image inputs (folders, CSVs). Validated on creation (ConfigError).
+
+    ``size`` is (height, width) for ``mode="raw"``; None takes the first image's size
+    and refuses images of another size. ``progress`` None means: a bar when stderr is
+    a TTY. ``workers`` None means one decode thread per core.
+    """
+
+    mode: Mode = "raw"
+    size: tuple[int, int] | None = None
+    resize_policy: Policy = "resize"
+    on_error: OnError = "stop"
+    overwrite: bool = False
+    workers: int | None = None
+    progress: bool | None = None
+    block: int = 128
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("raw", "encoded"):
+            raise ConfigError(f"mode {self.mode!r}: use raw or encoded")
+        if self.resize_policy not in ("resize", "center-crop", "letterbox"):
+            raise ConfigError(
+                f"resize_policy {self.resize_policy!r}: use resize, center-crop or letterbox"
+            )
+        if self.on_error not in ("stop", "skip"):
+            raise ConfigError(f"on_error {self.on_error!r}: use stop or skip")
+        if self.size is not None:
+            if self.mode != "raw":
+                raise ConfigError(
+                    "size (--size) applies to mode raw only; encoded mode keeps every image's own size"
+                )
+            if len(self.size) != 2 or not all(
+                isinstance(d, int) and 0 < d <= 65535 for d in self.size
+            ):
+                raise ConfigError(f"size {self.size!r}: give (height, width), each 1..65535")
+        if self.workers is not None and self.workers < 1:
+            raise ConfigError(f"workers {self.workers}: at least 1")
+        if self.block < 1:
+            raise ConfigError(f"block {self.block}: at least 1")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PackSummary:
+    """What a pack produced; ``str()`` is the one-paragraph summary the CLI prints."""
+
+    path: Path
+    count: int
+    fields: dict[str, FieldSpec]
+    bytes: int
+    fingerprint: str
+    skipped: list[dict[str, Any]]
+    seconds: float
+
+    def __str__(self) -> str:
+        fields = ", ".join(
+            f"{f.name} ({'encoded ' + ('RGB' if f.channels == 3 else 'gray') if f.encoding == 'image' else f'{f.dtype} {f.shape}'}, {f.role})"
+            for f in self.fields.values()
+        )
+        rate = self.count / self.seconds if self.seconds > 0 else float("inf")
+        text = (
+            f"Packed {self.count:,} samples into {self.path} in {self.seconds:.1f} s ({rate:,.0f}/s). "
+            f"Fields: {fields}. {_human(self.bytes)} on disk. Fingerprint {self.fingerprint}. "
+        )
+        if not self.skipped:
+            return text + "Nothing skipped."
+        shown = "; ".join(f"{s['source']}: {s['reason']}" for s in self.skipped[:5])
+        more = (
+            f" and {len(self.skipped) - 5} more (batchd inspect --json lists all)"
+            if len(self.skipped) > 5
+            else ""
+        )
+        return text + f"Skipped {len(self.skipped)}: {shown}{more}."
+
+
+def _human(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} TiB"
+
+
+def _summary(path: Path, started: float) -> PackSummary:
+    with open_dataset(path) as ds:
+        size = sum(p.stat().st_size for p in path.iterdir())
+        return PackSummary(
+            path=path,
+            count=ds.count,
+            fields=dict(ds.fields),
+            bytes=size,
+            fingerprint=ds.fingerprint,
+            skipped=list(ds.header["skipped"]),
+            seconds=time.perf_counter() - started,
+        )
+
+
+def _packing(kind: str, source: object, started: float, **extra: Any) -> dict[str, Any]:
+    return {
+        "kind": kind,
+        "source": None if source is None else str(source),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "seconds": round(time.perf_counter() - started, 3),
+        **extra,
+    }
+
+
+# --------------------------------------------------------------------------- image inputs
+
+
+@dataclass(frozen=True)
+class _Row:
+    image: Path
+    mask: Path | None
+    where: str  # "row 12" / "line 14": where a user finds it in their input
+
+
+@dataclass
+class _Block:
+    """A decoded block: ``ok[j]`` False means row j failed with ``errors[j]``."""
+
+    ok: NDArray[np.bool_]
+    errors: dict[int, str]
+    images: Any  # raw: ndarray (k, H, W, 3); encoded: list[Encoded | None]
+    masks: Any = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Inputs:
+    rows: list[_Row]
+    values: dict[str, NDArray[Any]] = field(default_factory=dict)
+    classes: list[str] | None = None
+    kind: str = "folder"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _scan_folder(root: Path) -> _Inputs:
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise PackError(
+            f"{root}: no class subfolders; an image-folder tree has one subfolder per class"
+        )
+    rows: list[_Row] = []
+    labels: list[int] = []
+    for label, name in enumerate(classes):
+        files = sorted(
+            p
+            for p in (root / name).rglob("*")
+            if p.is_file() and not any(s.startswith(".") for s in p.relative_to(root).parts)
+        )
+        for p in files:
+            rows.append(_Row(p, None, f"row {len(rows)}"))
+            labels.append(label)
+    if not rows:
+        raise PackError(f"{root}: the class folders {classes} hold no files; nothing to pack")
+    return _Inputs(
+        rows=rows, values={"label": np.asarray(labels, np.int64)}, classes=classes, kind="folder"
+    )
+
+
+def _read_csv(path: Path, mask_column: str | None) -> _Inputs:
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            lines = [(r, n) for r, n in _csv_rows(f) if any(c.strip() for c in r)]
+    except UnicodeDecodeError as exc:
+        raise PackError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except csv.Error as exc:
+        raise PackError(f"{path}: not a readable CSV: {exc}") from None
+    if not lines:
+        raise PackError(f"{path}: empty; a CSV needs a header row and one row per sample")
+    header = [c.strip() for c in lines[0][0]]
+    if len(set(header)) != len(header):
+        raise PackError(f"{path}: repeated column names in the header {header}")
+    path_col = next((c for c in PATH_COLUMNS if c in header), None)
+    if path_col is None:
+        raise PackError(
+            f"{path}: no image path column; name one of {list(PATH_COLUMNS)} (columns: {header})"
+        )
+    if mask_column is not None and mask_column not in header:
+        raise PackError(f"{path}: no mask column {mask_column!r} (columns: {header})")
+    body = lines[1:]
+    if not body:
+        raise PackError(f"{path}: a header but no rows; nothing to pack")
+    for r, n in body:
+        if len(r) != len(header):
+            raise PackError(f"{path} line {n}: {len(r)} cells, the header has {len(header)}")
+    targets = [c for c in header if c not in (path_col, mask_column)]
+    for c in targets:
+        if c in ("image", "mask") or c.lower() == "index":
+            raise PackError(
+                f"{path}: column {c!r} clashes with a field batchd names itself; rename it"
+            )
+        try:
+            FieldSpec(
+                name=c, dtype=np.dtype("<f4"), shape=(), role="value", encoding="raw", channels=None
+            )
+        except ValueError as exc:
+            raise PackError(f"{path}: column {c!r} cannot be a field name: {exc}") from None
+    base = path.parent
+    rows: list[_Row] = []
+    for r, n in body:
+        cell = dict(zip(header, (x.strip() for x in r), strict=True))
+        if not cell[path_col]:
+            raise PackError(f"{path} line {n}: empty {path_col!r} cell")
+        mask = None
+        if mask_column is not None:
+            if not cell[mask_column]:
+                raise PackError(f"{path} line {n}: empty mask cell in {mask_column!r}")
+            mask = base / cell[mask_column]
+        rows.append(_Row(base / cell[path_col], mask, f"line {n}"))
+    values: dict[str, NDArray[Any]] = {}
+    for c in targets:
+        j = header.index(c)
+        values[c] = _numeric_column(path, c, [(r[j].strip(), n) for r, n in body])
+    extra = {"path_column": path_col, "mask_column": mask_column, "targets": targets}
+    return _Inputs(rows=rows, values=values, classes=None, kind="csv", extra=extra)
+
+
+def _csv_rows(f: Iterable[str]) -> Iterator[tuple[list[str], int]]:
+    reader = csv.reader(f)
+    for r in reader:
+        yield r, reader.line_num
+
+
+def _numeric_column(path: Path, name: str, cells: list[tuple[str, int]]) -> NDArray[Any]:
+    try:
+        return np.asarray([int(s) for s, _ in cells], np.int64)
+    except (ValueError, OverflowError):
+        pass
+    out = np.empty(len(cells), np.float32)
+    for i, (s, n) in enumerate(cells):
+        try:
+            out[i] = float(s)
+        except ValueError:
+            raise PackError(
+                f"{path} line {n}: column {name!r} holds {s!r}, not a number; targets must be numeric "
+                "(drop the column or encode it as numbers)"
+            ) from None
+    return out
+
+
+def _read(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _load(path: Path, channels: int) -> tuple[bytes, NDArray[np.uint8]]:
+    """Read and decode one file; ValueError with the reason if it is not a usable image."""
+    try:
+        buf = _read(path)
+    except OSError as exc:
+        raise ValueError(f"cannot read: {exc.strerror}") from None
+    if not buf:
+        raise ValueError("empty file")
+    # libjpeg decodes a truncated JPEG with a warning and grey fill; a missing EOI marker says so.
+    if buf[:2] == b"\xff\xd8" and buf.rfind(b"\xff\xd9") < 0:
+        raise ValueError("truncated JPEG (no end-of-image marker)")
+    img = decode_image(buf, channels)
+    if img is None:
+        kind = "an image" if channels == 3 else "a single-channel 8-bit image (a mask)"
+        raise ValueError(
+            f"not {kind} that OpenCV can decode (corrupt, truncated or another format)"
+        )
+    return buf, img
+
+
+def _fit(
+    img: NDArray[np.uint8], hw: tuple[int, int], policy: Policy, nearest: bool
+) -> NDArray[np.uint8]:
+    """Bring an image to (height, width); masks use nearest-neighbour so labels stay labels."""
+    import cv2
+
+    h, w = hw
+    ih, iw = img.shape[:2]
+    if (ih, iw) == (h, w):
+        return img
+    if policy == "resize":
+        sh, sw = h, w
+    else:
+        s = max(h / ih, w / iw) if policy == "center-crop" else min(h / ih, w / iw)
+        sh, sw = max(1, round(ih * s)), max(1, round(iw * s))
+        if policy == "center-crop":
+            sh, sw = max(sh, h), max(sw, w)
+        else:
+            sh, sw = min(sh, h), min(sw, w)
+    interp = (
+        cv2.INTER_NEAREST
+        if nearest
+        else (cv2.INTER_AREA if sh < ih or sw < iw else cv2.INTER_LINEAR)
+    )
+    r = cv2.resize(img, (sw, sh), interpolation=interp)
+    if policy == "resize":
+        return cast("NDArray[np.uint8]", r)
+    if policy == "center-crop":
+        y, x = (sh - h) // 2, (sw - w) // 2
+        return cast("NDArray[np.uint8]", r[y : y + h, x : x + w])
+    out = np.zeros((h, w, *img.shape[2:]), np.uint8)
+    y, x = (h - sh) // 2, (w - sw) // 2
+    out[y : y + sh, x : x + sw] = r
+    return out
+
+
+@dataclass(frozen=True)
+class _Job:
+    mode: Mode
+    size: tuple[int, int] | None
+    fixed_by_first: bool  # size came from the first image, not --size: refuse other sizes
+    policy: Policy
+    masks: bool
+
+
+def _decode_block(rows: Sequence[_Row], job: _Job) -> _Block:
+    k = len(rows)
+    ok = np.ones(k, bool)
+    errors: dict[int, str] = {}
+    if job.mode == "raw":
+        assert job.size is not None
+        h, w = job.size
+        images: Any = np.empty((k, h, w, 3), np.uint8)
+        masks: Any = np.empty((k, h, w), np.uint8) if job.masks else None
+    else:
+        images = [None] * k
+        masks = [None] * k if job.masks else None
+    for j, row in enumerate(rows):
+        try:
+            buf, img = _load(row.image, 3)
+            mbuf, mimg = None, None
+            if row.mask is not None:
+                try:
+                    mbuf, mimg = _load(row.mask, 1)
+                except ValueError as exc:
+                    raise ValueError(f"mask {row.mask}: {exc}") from None
+                if mimg.shape != img.shape[:2]:
+                    raise ValueError(
+                        f"mask {row.mask} is {mimg.shape[0]}x{mimg.shape[1]}, the image "
+                        f"{img.shape[0]}x{img.shape[1]}; a mask must match its image's size"
+                    )
+            if job.mode == "encoded":
+                images[j] = Encoded(buf, img.shape[0], img.shape[1])
+                if mbuf is not None and mimg is not None:
+                    masks[j] = Encoded(mbuf, mimg.shape[0], mimg.shape[1])
+                continue
+            assert job.size is not None
+            if job.fixed_by_first and img.shape[:2] != job.size:
+                raise ValueError(
+                    f"is {img.shape[0]}x{img.shape[1]}, the first image {job.size[0]}x{job.size[1]}; "
+                    "pass --size HxW (and --resize-policy) to bring all images to one size"
+                )
+            images[j] = _fit(img, job.size, job.policy, nearest=False)
+            if mimg is not None:
+                masks[j] = _fit(mimg, job.size, job.policy, nearest=True)
+        except ValueError as exc:
+            ok[j] = False
+            errors[j] = str(exc)
+    return _Block(ok, errors, images, masks)
+
+
+def _probe_size(rows: Sequence[_Row]) -> tuple[int, int]:
+    first = None
+    for row in rows:
+        try:
+            img = _load(row.image, 3)[1]
+            return (img.shape[0], img.shape[1])
+        except ValueError as exc:
+            first = first or f"{row.image} ({row.where}): {exc}"
+    raise PackError(f"none of the {len(rows)} images decodes; the first: {first}")
+
+
+def _pack_inputs(out: Path, inputs: _Inputs, source: Path, opts: PackOptions) -> PackSummary:
+    import cv2
+
+    started = time.perf_counter()
+    rows = inputs.rows
+    masks = any(r.mask is not None for r in rows)
+    size, by_first = opts.size, False
+    if opts.mode == "raw" and size is None:
+        size, by_first = _probe_size(rows), True
+    job = _Job(opts.mode, size, by_first, opts.resize_policy, masks)
+    fields = _image_fields(job)
+    for name, arr in inputs.values.items():
+        fields.append(
+            FieldSpec(
+                name=name, dtype=arr.dtype, shape=(), role="value", encoding="raw", channels=None
+            )
+        )
+    workers = opts.workers or os.cpu_count() or 1
+    threads = cv2.getNumThreads()
+    # Parallelism comes from our threads; OpenCV's own pool on top only oversubscribes the cores.
+    cv2.setNumThreads(1)
+    bar = _progress_bar(len(rows), "pack", "img", opts.progress)
+    try:
+        with (
+            DatasetWriter(out, fields, classes=inputs.classes, overwrite=opts.overwrite) as writer,
+            ThreadPoolExecutor(workers, thread_name_prefix="batchd-pack") as pool,
+        ):
+            pending: deque[tuple[int, Future[_Block]]] = deque()
+            starts = iter(range(0, len(rows), opts.block))
+            try:
+                for start in starts:
+                    pending.append(
+                        (start, pool.submit(_decode_block, rows[start : start + opts.block], job))
+                    )
+                    # A bounded window: decode ahead of the writer, never the whole input in RAM.
+                    if len(pending) >= 2 * workers:
+                        bar.update(_write_block(writer, inputs, *pending.popleft(), opts))
+                while pending:
+                    bar.update(_write_block(writer, inputs, *pending.popleft(), opts))
+            except BaseException:
+                for _, fut in pending:
+                    fut.cancel()
+                raise
+            extra = {
+                "mode": opts.mode,
+                "size": None if size is None else list(size),
+                "size_from": "first image" if by_first else ("--size" if size else None),
+                "resize_policy": opts.resize_policy if opts.mode == "raw" else None,
+                "on_error": opts.on_error,
+                **inputs.extra,
+            }
+            writer.commit(_packing(inputs.kind, source, started, **extra))
+    finally:
+        bar.close()
+        cv2.setNumThreads(threads)
+    return _summary(writer.out, started)
+
+
+def _image_fields(job: _Job) -> list[FieldSpec]:
+    u1 = np.dtype("u1")
+    if job.mode == "encoded":
+        out = [
+            FieldSpec(
+                name="image", dtype=u1, shape=None, role="image", encoding="image", channels=3
+            )
+        ]
+        if job.masks:
+            out.append(
+                FieldSpec(
+                    name="mask", dtype=u1, shape=None, role="mask", encoding="image", channels=1
+                )
+            )
+        return out
+    assert job.size is not None
+    h, w = job.size
+    out = [
+        FieldSpec(name="image", dtype=u1, shape=(h, w, 3), role="image", encoding="raw", channels=3)
+    ]
+    if job.masks:
+        out.append(
+            FieldSpec(name="mask", dtype=u1, shape=(h, w), role="mask", encoding="raw", channels=1)
+        )
+    return out
+
+
+def _write_block(
+    writer: DatasetWriter, inputs: _Inputs, start: int, fut: Future[_Block], opts: PackOptions
+) -> int:
+    """Write one decoded block in input order; returns how many inputs it covered."""
+    b = fut.result()
+    k = len(b.ok)
+    for j in sorted(b.errors):
+        row = inputs.rows[start + j]
+        if opts.on_error == "stop":
+            raise PackError(
+                f"{row.image} ({row.where}): {b.errors[j]}. Fix or remove it, or pass --on-error skip to pack the rest"
+            )
+        writer.skip(str(row.image), b.errors[j], start + j)
+    keep = np.flatnonzero(b.ok)
+    if keep.size == 0:
+        return k
+    block: dict[str, Any] = {}
+    if opts.mode == "raw":
+        block["image"] = b.images if keep.size == k else b.images[keep]
+        if b.masks is not None:
+            block["mask"] = b.masks if keep.size == k else b.masks[keep]
+    else:
+        block["image"] = [b.images[j] for j in keep]
+        if b.masks is not None:
+            block["mask"] = [b.masks[j] for j in keep]
+    for name, arr in inputs.values.items():
+        block[name] = arr[start : start + k][keep]
+    writer.append_block(block, int(keep.size))
+    return k
+
+
+def pack_folder(
+    source: str | Path, out: str | Path, *, options: PackOptions | None = None
+) -> PackSummary:
+    """An image-folder tree (one subfolder per class) into fields ``image`` and int64 ``label``."""
+    src = Path(source)
+    if not src.is_dir():
+        raise PackError(f"{src}: not a directory")
+    opts = options or PackOptions()
+    _check_out(Path(out), src, opts.overwrite)
+    return _pack_inputs(Path(out), _scan_folder(src), src, opts)
+
+
+def pack_csv(
+    source: str | Path,
+    out: str | Path,
+    *,
+    mask_column: str | None = None,
+    options: PackOptions | None = None,
+) -> PackSummary:
+    """A CSV: an image path column, an optional mask column, other columns numeric targets."""
+    src = Path(source)
+    opts = options or PackOptions()
+    _check_out(Path(out), src, opts.overwrite)
+    return _pack_inputs(Path(out), _read_csv(src, mask_column), src, opts)
+
+
+def pack(
+    source: str | Path,
+    out: str | Path,
+    *,
+    mask_column: str | None = None,
+    options: PackOptions | None = None,
+) -> PackSummary:
+    """Pack a folder tree or a ``.csv`` (what ``batchd pack SOURCE OUT`` does)."""
+    src = Path(source)
+    if src.is_dir():
+        if mask_column is not None:
+            raise ConfigError("--mask-column applies to a CSV source, not an image folder")
+        return pack_folder(src, out, options=options)
+    if src.is_file() and src.suffix.lower() == ".csv":
+        return pack_csv(src, out, mask_column=mask_column, options=options)
+    if not src.exists():
+        raise PackError(f"{src}: no such file or directory")
+    raise PackError(f"{src}: give an image-folder tree (a directory) or a .csv file")
+
+
+def _check_out(out: Path, source: Path, overwrite: bool) -> None:
+    o, s = out.absolute(), source.absolute()
+    if source.is_dir() and (o == s or s in o.parents):
+        # Inside the tree it would be scanned as a class folder on the next pack.
+        raise PackError(f"{out}: the output must not be the source or inside it")
+    if (o.exists() or o.is_symlink()) and not overwrite:
+        raise PackError(f"{out} already exists; pass --overwrite to replace it")
+    if (
+        o.exists()
+        and overwrite
+        and not (o / HEADER_NAME).exists()
+        and o.is_dir()
+        and any(o.iterdir())
+    ):
+        raise PackError(f"{out} exists and is not a batchd dataset; refusing to replace it")
+
+
+# --------------------------------------------------------------------------- Python inputs
+
+
+def _default_role(name: str, dtype: np.dtype[Any], shape: tuple[int, ...] | None) -> Role:
+    if shape is None:
+        return "mask" if name == "mask" else "image"
+    if name == "image" and dtype == np.uint8 and len(shape) == 3 and shape[2] in (1, 3):
+        return "image"
+    if name == "mask" and dtype == np.uint8 and len(shape) == 2:
+        return "mask"
+    return "value"
+
+
+def _spec_for(
+    name: str, dtype: np.dtype[Any], shape: tuple[int, ...] | None, role: Role | None
+) -> FieldSpec:
+    r = role or _default_role(name, dtype, shape)
+    if shape is None:
+        channels: int | None = 1 if r == "mask" else 3
+        enc: Literal["raw", "image"] = "image"
+    else:
+        channels = None if r == "value" else (1 if r == "mask" else shape[-1])
+        enc = "raw"
+    try:
+        return FieldSpec(
+            name=name, dtype=dtype, shape=shape, role=r, encoding=enc, channels=channels
+        )
+    except ValueError as exc:
+        raise PackError(str(exc)) from None
+
+
+def _dtype_of(name: str, value: Any) -> np.dtype[Any]:
+    if isinstance(value, bool):
+        return np.dtype("|b1")
+    if isinstance(value, int):
+        return np.dtype("<i8")
+    if isinstance(value, float):
+        return np.dtype("<f4")  # Python floats as targets: float32, what training uses
+    dt = np.asarray(value).dtype
+    if dt.kind not in "biuf":
+        raise PackError(
+            f"field {name!r}: {dt} values cannot be packed; use numbers or bytes of an image"
+        )
+    return _le_dtype(dt)
+
+
+def pack_arrays(
+    out: str | Path,
+    arrays: Mapping[str, NDArray[Any]],
+    *,
+    roles: Mapping[str, Role] | None = None,
+    classes: Sequence[str] | None = None,
+    overwrite: bool = False,
+    progress: bool | None = None,
+) -> PackSummary:
+    """Pack equal-length arrays (``np.memmap`` is fine: read in chunks) as raw fields.
+
+    A uint8 ``image`` (N, H, W, 3) gets role image and a uint8 ``mask`` (N, H, W)
+    role mask unless ``roles`` says otherwise; everything else is a value.
+    """
+    started = time.perf_counter()
+    if not arrays:
+        raise PackError("pack_arrays: no arrays given")
+    lengths = {}
+    fields = []
+    for name, arr in arrays.items():
+        if not hasattr(arr, "shape") or not hasattr(arr, "dtype") or len(arr.shape) < 1:
+            raise PackError(f"array {name!r}: needs an array with a first (sample) axis")
+        lengths[name] = arr.shape[0]
+        if arr.dtype.kind not in "biuf":
+            raise PackError(f"array {name!r}: dtype {arr.dtype} cannot be packed (numbers only)")
+        fields.append(
+            _spec_for(
+                name,
+                _le_dtype(arr.dtype),
+                tuple(int(d) for d in arr.shape[1:]),
+                (roles or {}).get(name),
+            )
+        )
+    if len(set(lengths.values())) != 1:
+        raise PackError(f"arrays differ in length: {lengths}")
+    n = next(iter(lengths.values()))
+    if n == 0:
+        raise PackError("pack_arrays: the arrays are empty; nothing to pack")
+    row_bytes = max(sum(f.dtype.itemsize * int(np.prod(f.shape or ())) for f in fields), 1)
+    step = max(1, (8 << 20) // row_bytes)
+    bar = _progress_bar(n, "pack", "sample", progress)
+    try:
+        with DatasetWriter(out, fields, classes=classes, overwrite=overwrite) as writer:
+            for start in range(0, n, step):
+                block = {
+                    f.name: np.ascontiguousarray(arrays[f.name][start : start + step], f.dtype)
+                    for f in fields
+                }
+                if classes is not None and "label" in block:
+                    _check_labels(block["label"], len(classes), start)
+                writer.append_block(block, min(step, n - start))
+                bar.update(min(step, n - start))
+            writer.commit(_packing("arrays", None, started))
+    finally:
+        bar.close()
+    return _summary(writer.out, started)
+
+
+def _check_labels(labels: NDArray[Any], n_classes: int, start: int) -> None:
+    bad = np.flatnonzero((labels < 0) | (labels >= n_classes))
+    if bad.size:
+        i = int(bad[0])
+        raise PackError(
+            f"label of sample {start + i} is {labels[i]}, outside 0..{n_classes - 1} for {n_classes} classes"
+        )
+
+
+def pack_samples(
+    out: str | Path,
+    samples: Iterable[Mapping[str, Any]],
+    *,
+    roles: Mapping[str, Role] | None = None,
+    classes: Sequence[str] | None = None,
+    on_error: OnError = "stop",
+    overwrite: bool = False,
+    progress: bool | None = None,
+    total: int | None = None,
+) -> PackSummary:
+    """Pack samples from any iterable, one at a time (streamed, never all in RAM).
+
+    Each sample maps field name to a value: an array or number (a raw field, its
+    shape and dtype fixed by the first sample) or the ``bytes`` of a JPEG/PNG (an
+    encoded field, checked to decode). ``on_error="skip"`` leaves out images that
+    do not decode (recorded in the header); shape or key mismatches always stop.
+    """
+    started = time.perf_counter()
+    if on_error not in ("stop", "skip"):
+        raise ConfigError(f"on_error {on_error!r}: use stop or skip")
+    it = iter(samples)
+    first = next(it, None)
+    if first is None:
+        raise PackError("pack_samples: the iterable yielded no samples; nothing to pack")
+    fields = []
+    for name, v in first.items():
+        if isinstance(v, bytes | bytearray | memoryview):
+            fields.append(_spec_for(name, np.dtype("u1"), None, (roles or {}).get(name)))
+        else:
+            fields.append(
+                _spec_for(name, _dtype_of(name, v), tuple(np.shape(v)), (roles or {}).get(name))
+            )
+    bar = _progress_bar(total or 0, "pack", "sample", progress)
+    try:
+        with DatasetWriter(out, fields, classes=classes, overwrite=overwrite) as writer:
+            for i, sample in enumerate(_chain(first, it)):
+                conv = _convert(i, sample, fields)
+                if isinstance(conv, str):
+                    if on_error == "stop":
+                        raise PackError(f"sample {i}: {conv}; fix it or pass on_error='skip'")
+                    writer.skip(f"sample {i}", conv, i)
+                else:
+                    if classes is not None and "label" in conv:
+                        _check_labels(np.asarray(conv["label"])[None], len(classes), i)
+                    writer.append(conv)
+                bar.update(1)
+            writer.commit(_packing("samples", None, started, on_error=on_error))
+    finally:
+        bar.close()
+    return _summary(writer.out, started)
+
+
+def _chain(
+    first: Mapping[str, Any], rest: Iterator[Mapping[str, Any]]
+) -> Iterator[Mapping[str, Any]]:
+    yield first
+    yield from rest
+
+
+def _convert(i: int, sample: Mapping[str, Any], fields: list[FieldSpec]) -> dict[str, Any] | str:
+    """A sample in the writer's terms, a str reason if an image does not decode; PackError if malformed."""
+    if set(sample) != {f.name for f in fields}:
+        raise PackError(
+            f"sample {i} has fields {sorted(sample)}, the first sample {sorted(f.name for f in fields)}"
+        )
+    out: dict[str, Any] = {}
+    for f in fields:
+        v = sample[f.name]
+        if f.encoding == "image":
+            if not isinstance(v, bytes | bytearray | memoryview):
+                raise PackError(
+                    f"sample {i} field {f.name!r}: expected image bytes, got {type(v).__name__}"
+                )
+            img = decode_image(v, f.channels or 3)
+            if img is None:
+                return f"field {f.name!r}: the bytes are not a decodable {'image' if f.channels == 3 else 'single-channel 8-bit mask'}"
+            out[f.name] = Encoded(bytes(v), img.shape[0], img.shape[1])
+            continue
+        arr = np.asarray(v)
+        if arr.shape != f.shape:
+            raise PackError(
+                f"sample {i} field {f.name!r}: shape {arr.shape}, the first sample {f.shape}"
+            )
+        if arr.dtype.kind not in "biuf" or not np.can_cast(arr.dtype, f.dtype, "same_kind"):
+            raise PackError(f"sample {i} field {f.name!r}: {arr.dtype} does not cast to {f.dtype}")
+        out[f.name] = arr.astype(f.dtype, copy=False)
+    return out
