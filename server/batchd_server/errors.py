@@ -37,7 +37,9 @@ class PipelineError(BatchdError):
     ``op_index`` and ``param`` locate the problem; the message says what is allowed.
     """
 
-    def __init__(self, message: str, *, op_index: int | None = None, param: str | None = None) -> None:
+    def __init__(
+        self, message: str, *, op_index: int | None = None, param: str | None = None
+    ) -> None:
         self.op_index = op_index
         self.param = param
         super().__init__(message)
