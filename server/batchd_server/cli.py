@@ -23,6 +23,11 @@ def cli() -> None:
 
 # Subcommands live beside the code they drive; each module adds its own.
 # --- commands (one add_command line per module; keep sorted) ---
+cli.add_command(__import__("batchd_server.demo", fromlist=["demo"]).demo)
+cli.add_command(__import__("batchd_server.pack_cli", fromlist=["inspect_cmd"]).inspect_cmd)
+cli.add_command(__import__("batchd_server.pack_cli", fromlist=["pack_cmd"]).pack_cmd)
+cli.add_command(__import__("batchd_server.pack_cli", fromlist=["verify_cmd"]).verify_cmd)
+cli.add_command(__import__("batchd_server.serve_cli", fromlist=["serve"]).serve)
 # --- end commands ---
 
 

@@ -1,0 +1,249 @@
+"""The HTTP API (docs/protocol.md): thin FastAPI handlers over :class:`Engine`.
+
+Every error is JSON ``{"error": code, "detail": message}``: the engine's
+:class:`Rejected`, FastAPI's validation errors (turned from 422 into 400 naming the
+parameter), unknown routes and methods, and the bearer-token check. Bad input gets a
+4xx and never a 5xx; a 500 means a bug in batchd (logged with its traceback).
+
+Auth is a plain ASGI middleware so it covers every route (the OpenAPI pages too)
+except ``/healthz``; it compares raw header bytes with ``hmac.compare_digest``, so a
+token with non-ASCII bytes is simply wrong (401), never an encoding error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated, Any
+
+from fastapi import FastAPI, Path, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from batchd import __version__
+
+from .engine import BatchRequest, Engine
+from .registry import Rejected
+from .shuffle import MAX_SEED
+
+__all__ = ["create_app"]
+
+log = logging.getLogger("batchd.app")
+
+MSGPACK = "application/msgpack"
+_MAX_AUGMENT_CHARS = 16384
+_OPEN_PATHS = frozenset({"/healthz"})
+
+
+class ErrorBody(BaseModel):
+    """Every error answer."""
+
+    error: str
+    detail: str
+
+
+# Module level: with postponed annotations FastAPI resolves these by name from here.
+Name = Annotated[str, Path(description="dataset name (a directory under --data)")]
+Seed = Annotated[int, Query(ge=0, le=MAX_SEED, description="0 .. 2^63-1")]
+Rank = Annotated[int, Query(ge=0, description="this trainer's rank, 0 .. world_size-1")]
+WorldSize = Annotated[int, Query(ge=1, description="number of trainers sharing the epoch")]
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorBody, "description": "A parameter, name or pipeline is invalid"},
+    401: {"model": ErrorBody, "description": "Missing or wrong bearer token"},
+    404: {"model": ErrorBody, "description": "Unknown dataset or batch index out of range"},
+}
+
+
+def _error(
+    status: int, code: str, detail: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    return JSONResponse({"error": code, "detail": detail}, status_code=status, headers=headers)
+
+
+class _BearerAuth:
+    """Refuses every request but /healthz without ``Authorization: Bearer <token>``."""
+
+    def __init__(self, app: ASGIApp, token: str) -> None:
+        self.app = app
+        self.expected = b"Bearer " + token.encode("utf-8")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in _OPEN_PATHS:
+            await self.app(scope, receive, send)
+            return
+        got = b""
+        for key, value in scope["headers"]:
+            if key == b"authorization":
+                got = value
+                break
+        if hmac.compare_digest(got, self.expected):
+            await self.app(scope, receive, send)
+            return
+        detail = (
+            "this server needs 'Authorization: Bearer <token>' (the token given to batchd serve)"
+            if not got
+            else "the bearer token does not match the server's"
+        )
+        response = _error(401, "unauthorized", detail, {"WWW-Authenticate": "Bearer"})
+        await response(scope, receive, send)
+
+
+def _validation_detail(exc: RequestValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = [str(p) for p in err.get("loc", ())]
+        where = loc[0] if loc else "request"
+        name = ".".join(loc[1:]) or where
+        parts.append(f"{where} parameter {name!r}: {err.get('msg', 'invalid')}")
+    return "; ".join(parts) or "invalid request"
+
+
+def create_app(engine: Engine, *, token: str | None = None) -> FastAPI:
+    """The ASGI app serving ``engine``; with ``token``, bearer auth on all but /healthz."""
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        yield
+        engine.close()
+
+    app = FastAPI(
+        title="batchd",
+        version=__version__,
+        description="Shuffled, augmented training batches from memory-mapped packs (docs/protocol.md).",
+        lifespan=lifespan,
+    )
+    app.state.engine = engine
+    metrics = engine.metrics
+
+    @app.exception_handler(Rejected)
+    async def _rejected(_req: Request, exc: Rejected) -> JSONResponse:
+        metrics.rejected.labels(exc.code).inc()
+        return _error(exc.status, exc.code, exc.detail, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_req: Request, exc: RequestValidationError) -> JSONResponse:
+        metrics.rejected.labels("invalid_parameter").inc()
+        return _error(400, "invalid_parameter", _validation_detail(exc))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(req: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        detail = (
+            f"no route {req.url.path}; see docs/protocol.md (routes are under /v1)"
+            if exc.status_code == 404
+            else str(exc.detail)
+        )
+        metrics.rejected.labels(code).inc()
+        return _error(exc.status_code, code, detail, dict(exc.headers or {}))
+
+    @app.exception_handler(Exception)
+    async def _bug(_req: Request, exc: Exception) -> JSONResponse:
+        log.exception("internal error", exc_info=exc)
+        return _error(
+            500, "internal", f"internal error in batchd ({type(exc).__name__}); see the server log"
+        )
+
+    @app.get("/healthz", tags=["ops"])
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/metrics", tags=["ops"], response_class=Response)
+    async def prometheus() -> Response:
+        text = await asyncio.to_thread(metrics.render)
+        return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/v1/datasets", tags=["datasets"], responses=_ERRORS)
+    async def list_datasets() -> dict[str, Any]:
+        return {"datasets": await engine.list()}
+
+    @app.get("/v1/datasets/{name}", tags=["datasets"], responses=_ERRORS)
+    async def dataset_info(
+        name: Name,
+        batch_size: Annotated[int | None, Query(ge=1, description="add the epoch plan")] = None,
+        shuffle: bool = True,
+        drop_last: bool = False,
+        rank: Rank = 0,
+        world_size: WorldSize = 1,
+        augment: Annotated[
+            str | None,
+            Query(
+                max_length=_MAX_AUGMENT_CHARS,
+                description="add batch_fields: what this pipeline outputs",
+            ),
+        ] = None,
+    ) -> dict[str, Any]:
+        return await engine.info(
+            name,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            drop_last=drop_last,
+            rank=rank,
+            world_size=world_size,
+            augment=augment,
+        )
+
+    @app.get(
+        "/v1/datasets/{name}/batches/{k}",
+        tags=["datasets"],
+        response_class=Response,
+        responses={
+            200: {"content": {MSGPACK: {}}, "description": "msgpack batch body (docs/protocol.md)"},
+            **_ERRORS,
+            413: {"model": ErrorBody, "description": "The body would exceed --max-batch-bytes"},
+            503: {"model": ErrorBody, "description": "Too many batches computing; retry"},
+        },
+    )
+    async def batch(
+        name: Name,
+        k: Annotated[int, Path(description="batch index within this rank's epoch")],
+        batch_size: Annotated[int, Query(ge=1)],
+        seed: Seed = 0,
+        epoch: Seed = 0,
+        shuffle: bool = True,
+        drop_last: bool = False,
+        rank: Rank = 0,
+        world_size: WorldSize = 1,
+        augment: Annotated[
+            str, Query(max_length=_MAX_AUGMENT_CHARS, description="pipeline, compact JSON list")
+        ] = "[]",
+    ) -> Response:
+        start = time.perf_counter()
+        served = await engine.batch(
+            BatchRequest(
+                dataset=name,
+                k=k,
+                batch_size=batch_size,
+                seed=seed,
+                epoch=epoch,
+                shuffle=shuffle,
+                drop_last=drop_last,
+                rank=rank,
+                world_size=world_size,
+                augment=augment,
+            )
+        )
+        metrics.latency.observe(time.perf_counter() - start)
+        metrics.batches.labels(name).inc()
+        metrics.bytes.labels(name).inc(served.body.nbytes)
+        # A memoryview body is sent as it is: Starlette and uvicorn never copy it.
+        return Response(
+            served.body.data,
+            media_type=MSGPACK,
+            headers={
+                "X-Batchd-Fingerprint": served.fingerprint,
+                "X-Batchd-Cache": served.source,
+                "X-Batchd-Batches": str(served.num_batches),
+            },
+        )
+
+    if token is not None:
+        app.add_middleware(_BearerAuth, token=token)
+    return app

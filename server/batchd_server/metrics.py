@@ -1,0 +1,169 @@
+"""Prometheus metrics of one server process (``GET /metrics``).
+
+Each :class:`Metrics` has its own ``CollectorRegistry`` so several engines can live in
+one process (tests) without clashing. Label cardinality is bounded: datasets are
+whatever is under ``--data``, and per-job progress keeps only the most recent
+:data:`MAX_JOBS` jobs (older labels are removed).
+
+Resident bytes are measured with ``mincore(2)`` at scrape time: each data file is
+mapped afresh (read-only, never touched) and the kernel reports which of its pages
+sit in the page cache. Page-cache residency belongs to the file, not the mapping, so
+this is what the server's own mappings would find. Where ``mincore`` is unavailable
+(not Linux), the metric is left out.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import mmap
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+
+if TYPE_CHECKING:
+    from .registry import Registry
+
+__all__ = ["MAX_JOBS", "Metrics", "resident_bytes"]
+
+#: Jobs (dataset, seed, epoch, batch parameters, pipeline) whose progress is exported.
+MAX_JOBS = 64
+
+_PAGE = mmap.PAGESIZE
+_libc: Any = None
+with contextlib.suppress(OSError, AttributeError):
+    _lib = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    _lib.mmap.restype = ctypes.c_void_p
+    _lib.mmap.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_size_t,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_long,
+    ]
+    _lib.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    _lib.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    _libc = _lib
+
+
+def resident_bytes(path: str | Path) -> int | None:
+    """Bytes of ``path`` in the page cache, or None if it cannot be measured here."""
+    if _libc is None:
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        size = os.fstat(fd).st_size
+        if size == 0:
+            return 0
+        addr = _libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        if addr in (None, ctypes.c_void_p(-1).value):
+            return None
+        try:
+            pages = (size + _PAGE - 1) // _PAGE
+            vec = ctypes.create_string_buffer(pages)
+            if _libc.mincore(addr, size, vec) != 0:
+                return None
+            resident = int(np.count_nonzero(np.frombuffer(memoryview(vec), np.uint8, pages) & 1))
+        finally:
+            _libc.munmap(addr, size)
+        return min(resident * _PAGE, size)
+    finally:
+        os.close(fd)
+
+
+class _ResidentCollector:
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        fam = GaugeMetricFamily(
+            "batchd_dataset_resident_bytes",
+            "Bytes of the dataset's files in the OS page cache (mincore)",
+            labels=["dataset"],
+        )
+        for ds in self.registry.datasets():
+            total = 0
+            for fname in ds.header["files"]:
+                got = resident_bytes(ds.path / fname)
+                if got is None:
+                    break
+                total += got
+            else:
+                fam.add_metric([ds.name], float(total))
+        yield fam
+
+    def describe(self) -> list[Any]:
+        return []
+
+
+class Metrics:
+    """Counters the engine and the app update; :meth:`render` gives the Prometheus text."""
+
+    def __init__(self, registry: Registry | None = None) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.batches = Counter("batchd_batches_served", "Batches answered", ["dataset"], registry=r)
+        self.bytes = Counter(
+            "batchd_bytes_served", "Batch body bytes answered", ["dataset"], registry=r
+        )
+        self.latency = Histogram(
+            "batchd_batch_latency_seconds",
+            "Time from request to body ready, per batch",
+            registry=r,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+        )
+        self.cache_hits = Counter(
+            "batchd_cache_hits", "Batches answered from the cache", registry=r
+        )
+        self.cache_misses = Counter(
+            "batchd_cache_misses", "Batches not in the cache (computed or joined)", registry=r
+        )
+        self.singleflight_joins = Counter(
+            "batchd_singleflight_joins",
+            "Requests that waited for an identical batch already computing",
+            registry=r,
+        )
+        self.readahead = Counter(
+            "batchd_readahead_started", "Batches computed ahead of their request", registry=r
+        )
+        self.cache_bytes = Gauge(
+            "batchd_cache_bytes", "Bytes of finished batch bodies held in the cache", registry=r
+        )
+        self.rejected = Counter(
+            "batchd_requests_rejected", "Requests answered with an error", ["error"], registry=r
+        )
+        self.progress = Gauge(
+            "batchd_job_last_batch",
+            f"Last batch index requested per job (the {MAX_JOBS} most recent jobs)",
+            ["job"],
+            registry=r,
+        )
+        self._jobs: OrderedDict[str, None] = OrderedDict()
+        self._jobs_lock = threading.Lock()
+        if registry is not None:
+            r.register(_ResidentCollector(registry))
+
+    def job_progress(self, job: str, k: int) -> None:
+        with self._jobs_lock:
+            self._jobs[job] = None
+            self._jobs.move_to_end(job)
+            while len(self._jobs) > MAX_JOBS:
+                old, _ = self._jobs.popitem(last=False)
+                with contextlib.suppress(KeyError):
+                    self.progress.remove(old)
+            self.progress.labels(job).set(k)
+
+    def render(self) -> bytes:
+        return bytes(generate_latest(self.registry))

@@ -1,0 +1,228 @@
+"""``batchd serve``: run the HTTP server over every pack under ``--data``.
+
+Every option can also come from the environment as ``BATCHD_<OPTION>``
+(``BATCHD_TOKEN``, ``BATCHD_PORT``, ...). uvicorn runs with uvloop and httptools;
+SIGTERM (``docker stop``) drains in-flight requests for up to 10 s before exiting.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .errors import ConfigError
+
+__all__ = ["parse_bytes", "serve"]
+
+log = logging.getLogger("batchd.serve")
+
+_UNITS = {"": 1, "k": 1000, "m": 1000**2, "g": 1000**3, "t": 1000**4}
+_IUNITS = {"ki": 1 << 10, "mi": 1 << 20, "gi": 1 << 30, "ti": 1 << 40}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?)?b?\s*$", re.IGNORECASE)
+_GRACEFUL_S = 10
+
+
+def parse_bytes(text: str | int) -> int:
+    """``"512MiB"`` -> 536870912; plain integers are bytes. ValueError otherwise."""
+    if isinstance(text, int):
+        return text
+    m = _SIZE.match(text)
+    if not m:
+        raise ValueError(f"{text!r} is not a size (examples: 1073741824, 512MiB, 2GiB, 500MB)")
+    unit = (m.group(2) or "").lower()
+    scale = _IUNITS.get(unit) or _UNITS[unit]
+    return int(float(m.group(1)) * scale)
+
+
+class _Bytes(click.ParamType):  # type: ignore[type-arg]
+    name = "bytes"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        try:
+            return parse_bytes(value)
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a hostname: it may resolve to anything, so treat it as exposed
+
+
+def check_exposure(
+    host: str, uds: Path | None, token: str | None, allow_unauthenticated: bool
+) -> None:
+    """Refuse to listen on a network without a token unless told to."""
+    if uds is None and token is None and not allow_unauthenticated and not is_loopback(host):
+        raise ConfigError(
+            f"binding {host} without --token exposes every dataset under --data to the network; "
+            "pass --token (or set BATCHD_TOKEN) or --allow-unauthenticated"
+        )
+
+
+@click.command("serve")
+@click.option(
+    "--data",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    envvar="BATCHD_DATA",
+    help="Folder whose subfolders are packs; each is served under its folder name.",
+)
+@click.option("--host", default="127.0.0.1", show_default=True, envvar="BATCHD_HOST")
+@click.option(
+    "--port", type=click.IntRange(0, 65535), default=8470, show_default=True, envvar="BATCHD_PORT"
+)
+@click.option(
+    "--uds",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    envvar="BATCHD_UDS",
+    help="Listen on this unix socket instead of host:port.",
+)
+@click.option(
+    "--token",
+    default=None,
+    envvar="BATCHD_TOKEN",
+    help="Bearer token required on every route but /healthz.",
+)
+@click.option(
+    "--allow-unauthenticated",
+    is_flag=True,
+    envvar="BATCHD_ALLOW_UNAUTHENTICATED",
+    help="Allow a non-loopback --host without a token.",
+)
+@click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    default=None,
+    envvar="BATCHD_THREADS",
+    help="Worker threads for gathering and augmenting  [default: CPU count]",
+)
+@click.option(
+    "--cache-bytes",
+    type=_Bytes(),
+    default="1GiB",
+    show_default=True,
+    envvar="BATCHD_CACHE_BYTES",
+    help="Finished batch bodies kept for other jobs and read-ahead.",
+)
+@click.option(
+    "--readahead",
+    type=click.IntRange(min=0),
+    default=2,
+    show_default=True,
+    envvar="BATCHD_READAHEAD",
+    help="Batches computed ahead of each job's last request.",
+)
+@click.option(
+    "--max-batch-bytes",
+    type=_Bytes(),
+    default="512MiB",
+    show_default=True,
+    envvar="BATCHD_MAX_BATCH_BYTES",
+    help="Largest response body; bigger batches get 413.",
+)
+@click.option(
+    "--max-inflight",
+    type=click.IntRange(min=1),
+    default=64,
+    show_default=True,
+    envvar="BATCHD_MAX_INFLIGHT",
+    help="Batches computing at once before new ones get 503 + Retry-After.",
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(["critical", "error", "warning", "info", "debug"]),
+    default="info",
+    show_default=True,
+    envvar="BATCHD_LOG_LEVEL",
+)
+@click.option(
+    "--demo-if-empty",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    envvar="BATCHD_DEMO_IF_EMPTY",
+    help="If --data holds no pack at start, make the demo pack in this folder and serve it.",
+)
+def serve(
+    data: Path,
+    host: str,
+    port: int,
+    uds: Path | None,
+    token: str | None,
+    allow_unauthenticated: bool,
+    threads: int | None,
+    cache_bytes: int,
+    readahead: int,
+    max_batch_bytes: int,
+    max_inflight: int,
+    log_level: str,
+    demo_if_empty: Path | None,
+) -> None:
+    """Serve shuffled, augmented batches of every pack under --data over HTTP."""
+    import uvicorn
+
+    from .app import create_app
+    from .engine import Engine, EngineConfig
+    from .registry import Registry
+
+    token = token or None  # BATCHD_TOKEN="" (an unset compose variable) means no token
+    check_exposure(host, uds, token, allow_unauthenticated)
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    config = EngineConfig(
+        threads=threads or os.cpu_count() or 1,
+        cache_bytes=cache_bytes,
+        readahead=readahead,
+        max_batch_bytes=max_batch_bytes,
+        max_inflight=max_inflight,
+    )
+    roots = [data]
+    registry = Registry(data)
+    if demo_if_empty is not None and not registry.datasets():
+        from .demo import ensure_demo_pack
+
+        log.info("no pack under %s: making the demo pack in %s", data, demo_if_empty)
+        ensure_demo_pack(demo_if_empty)
+        roots.append(demo_if_empty)
+        registry = Registry(*roots)
+    for entry in registry.entries():
+        if entry.dataset is None:
+            log.warning("dataset %s unavailable: %s", entry.name, entry.error)
+    where = f"unix:{uds}" if uds else f"http://{host}:{port}"
+    log.info(
+        "batchd serving %d datasets from %s at %s (%d threads, auth %s)",
+        len(registry.datasets()),
+        ", ".join(map(str, roots)),
+        where,
+        config.threads,
+        "on" if token else "off",
+    )
+    engine = Engine(registry, config)
+    app = create_app(engine, token=token)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host=host,
+            port=port,
+            uds=str(uds) if uds else None,
+            loop="uvloop",
+            http="httptools",
+            timeout_graceful_shutdown=_GRACEFUL_S,
+            log_level=log_level,
+            access_log=log_level == "debug",
+            server_header=False,
+        )
+    )
+    server.run()
