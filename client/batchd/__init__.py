@@ -1,5 +1,6 @@
 """batchd: the thin client of a batch server for deep-learning training."""
 
+from ._client import Client, datasets
 from ._exceptions import (
     AuthError,
     BatchdError,
@@ -13,12 +14,16 @@ from ._exceptions import (
     UnavailableError,
     WireError,
 )
+from ._info import DatasetInfo, FieldInfo
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AuthError",
     "BatchdError",
+    "Client",
+    "DatasetInfo",
+    "FieldInfo",
     "FingerprintError",
     "NotFoundError",
     "RequestError",
@@ -29,4 +34,12 @@ __all__ = [
     "UnavailableError",
     "WireError",
     "__version__",
+    "datasets",
 ]
+
+# Public names belong to the package, as tracebacks and docs should show them.
+for _name in __all__:
+    _obj = globals()[_name]
+    if callable(_obj):
+        _obj.__module__ = "batchd"
+del _name, _obj

@@ -1,0 +1,502 @@
+"""The client: epochs of batches from a batchd server, fetched ahead, checked, resumable.
+
+A batch is a pure function of the request (dataset fingerprint, seed, epoch, shuffle,
+batch size, drop_last, rank, world size, pipeline, index), so the client keeps no
+server-side session: it asks for batch ``k`` of epoch ``e`` and gets the same bytes
+from any replica, before or after a restart. What it does keep is the trainer's
+position (epoch, next batch) for :meth:`Client.state_dict`.
+
+Arrays in a yielded batch view the response buffer (no copy). They are writable, and
+every batch has a buffer of its own: nothing the client does later overwrites a batch
+the caller still holds (a buffer is recycled only once no array views it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import urllib.parse
+from collections import deque
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from itertools import islice
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import numpy as np
+from numpy.typing import NDArray
+
+from ._exceptions import FingerprintError, StateError, TransportError, WireError
+from ._info import DatasetInfo, parse_info
+from ._transport import Cancel, Transport, parse_url
+from ._wire import decode
+
+if TYPE_CHECKING:
+    from ._keras import KerasDataset
+    from ._torch import TorchDataset
+
+__all__ = ["Client", "datasets"]
+
+T = TypeVar("T")
+Batch = dict[str, NDArray[Any]]
+
+_STATE_FORMAT = "batchd.Client/1"
+_DEFAULT_RETRY_DEADLINE = 120.0
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class _Params:
+    """Everything that decides which bytes a batch holds (besides epoch and index)."""
+
+    dataset: str
+    batch_size: int
+    seed: int
+    shuffle: bool
+    drop_last: bool
+    augment: str
+    """The pipeline as compact, key-sorted JSON: identical pipelines give identical URLs."""
+    rank: int
+    world_size: int
+
+    def plan_query(self) -> dict[str, str]:
+        # The pipeline too: the server validates it (an early 400) and lists its outputs.
+        return {
+            "batch_size": str(self.batch_size),
+            "shuffle": _flag(self.shuffle),
+            "drop_last": _flag(self.drop_last),
+            "rank": str(self.rank),
+            "world_size": str(self.world_size),
+            "augment": self.augment,
+        }
+
+    def batch_query(self, epoch: int) -> dict[str, str]:
+        return {
+            "seed": str(self.seed),
+            "epoch": str(epoch),
+            "batch_size": str(self.batch_size),
+            "shuffle": _flag(self.shuffle),
+            "drop_last": _flag(self.drop_last),
+            "rank": str(self.rank),
+            "world_size": str(self.world_size),
+            "augment": self.augment,
+        }
+
+
+def _flag(value: bool) -> str:
+    return "true" if value else "false"
+
+
+def _int(name: str, value: object, low: int, high: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise ValueError(f"{name} must be an int, got {value!r}")
+    if value < low or (high is not None and value > high):
+        bound = f">= {low}" if high is None else f"in {low}..{high}"
+        raise ValueError(f"{name} must be {bound}, got {value}")
+    return int(value)
+
+
+def _augment_json(augment: Sequence[Mapping[str, Any]] | None) -> str:
+    steps = list(augment or [])
+    for i, step in enumerate(steps):
+        if not isinstance(step, Mapping) or not isinstance(step.get("op"), str):
+            raise ValueError(
+                f"augment[{i}] = {step!r}: each step must be a dict with an 'op' name, "
+                'e.g. {"op": "hflip", "p": 0.5}'
+            )
+    try:
+        return json.dumps(steps, separators=(",", ":"), sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"augment must be plain JSON (numbers, strings, lists): {exc}") from exc
+
+
+def _urls(urls: str | Sequence[str]) -> tuple[str, ...]:
+    out = (urls,) if isinstance(urls, str) else tuple(urls)
+    if not out:
+        raise ValueError("give at least one server URL, e.g. 'http://127.0.0.1:8000'")
+    for url in out:
+        parse_url(url)  # fail at construction, not at the first batch
+    return out
+
+
+def _prefetched(
+    ks: Iterable[int], fetch: Callable[[int, Cancel], T], depth: int
+) -> Generator[T, None, None]:
+    """``fetch(k)`` for each k in order, ``depth`` requests in flight on worker threads.
+
+    Closing the generator cancels what is in flight (sockets are shut down, so blocked
+    reads return at once) and joins the threads before returning.
+    """
+    cancel = Cancel()
+    pool = ThreadPoolExecutor(max_workers=depth, thread_name_prefix="batchd-fetch")
+    pending: deque[Future[T]] = deque()
+    todo = iter(ks)
+    try:
+        pending.extend(pool.submit(fetch, k, cancel) for k in islice(todo, depth))
+        while pending:
+            result = pending.popleft().result()
+            # Refill before yielding so `depth` requests overlap the caller's step.
+            for k in islice(todo, 1):
+                pending.append(pool.submit(fetch, k, cancel))
+            yield result
+    finally:
+        cancel.cancel()
+        for fut in pending:
+            fut.cancel()
+        pool.shutdown(wait=True)
+
+
+class Client:
+    """Batches of one dataset on one or more equivalent batchd servers.
+
+    ``urls``: ``"http://host:port"``, ``"unix:///path/to.sock"`` or a list of them
+    (requests spread over the list; one that fails is skipped for a while).
+    ``rank``/``world_size`` default to 0 and 1; :meth:`torch` takes them from
+    ``torch.distributed`` when it is initialised and they were not given. ``token``
+    defaults to the ``BATCHD_TOKEN`` environment variable. ``timeout`` bounds each
+    connect and each socket read; failures are retried until ``retry_deadline``
+    seconds have passed (long enough to ride out a server restart).
+    """
+
+    def __init__(
+        self,
+        urls: str | Sequence[str],
+        dataset: str,
+        *,
+        batch_size: int = 256,
+        seed: int = 0,
+        shuffle: bool = True,
+        drop_last: bool = False,
+        augment: Sequence[Mapping[str, Any]] | None = None,
+        rank: int | None = None,
+        world_size: int | None = None,
+        token: str | None = None,
+        prefetch: int = 4,
+        timeout: float = 60.0,
+        retry_deadline: float = _DEFAULT_RETRY_DEADLINE,
+    ) -> None:
+        if not isinstance(dataset, str) or not dataset:
+            raise ValueError(f"dataset must be a non-empty name, got {dataset!r}")
+        ws = 1 if world_size is None else _int("world_size", world_size, 1)
+        rk = 0 if rank is None else _int("rank", rank, 0, ws - 1)
+        if not (isinstance(timeout, int | float) and timeout > 0):
+            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        if not (isinstance(retry_deadline, int | float) and retry_deadline >= 0):
+            raise ValueError(f"retry_deadline must be >= 0 seconds, got {retry_deadline!r}")
+        self.urls = _urls(urls)
+        self._params = _Params(
+            dataset=dataset,
+            batch_size=_int("batch_size", batch_size, 1),
+            seed=_int("seed", seed, 0, 2**63 - 1),
+            shuffle=bool(shuffle),
+            drop_last=bool(drop_last),
+            augment=_augment_json(augment),
+            rank=rk,
+            world_size=ws,
+        )
+        self._shard_given = rank is not None or world_size is not None
+        self._token = token if token is not None else os.environ.get("BATCHD_TOKEN") or None
+        self.prefetch = _int("prefetch", prefetch, 1)
+        self.timeout = float(timeout)
+        self.retry_deadline = float(retry_deadline)
+        self._epoch = 0
+        self._next = 0
+        self._resume_fingerprint: str | None = None
+        self._init_runtime()
+
+    # -- plumbing -------------------------------------------------------------------
+
+    def _init_runtime(self) -> None:
+        self._lock = threading.Lock()
+        self._tx: Transport | None = None
+        self._tx_pid = -1
+        self._info: DatasetInfo | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        # No sockets, threads or locks: a DataLoader worker reconnects lazily.
+        state = dict(self.__dict__)
+        for key in ("_lock", "_tx", "_tx_pid", "_info"):
+            state.pop(key, None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._init_runtime()
+
+    def _transport(self) -> Transport:
+        with self._lock:
+            if self._tx is None or self._tx_pid != os.getpid():
+                # A forked child must not share the parent's sockets.
+                self._tx = Transport(
+                    self.urls,
+                    token=self._token,
+                    timeout=self.timeout,
+                    retry_deadline=self.retry_deadline,
+                    keep_buffers=self.prefetch * 2 + 2,
+                )
+                self._tx_pid = os.getpid()
+            return self._tx
+
+    def close(self) -> None:
+        """Close idle connections and drop recycled buffers (the client stays usable)."""
+        with self._lock:
+            tx, self._tx = self._tx, None
+        if tx is not None:
+            tx.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        p = self._params
+        return (
+            f"Client({list(self.urls)!r}, {p.dataset!r}, batch_size={p.batch_size}, seed={p.seed}, "
+            f"shuffle={p.shuffle}, drop_last={p.drop_last}, rank={p.rank}, "
+            f"world_size={p.world_size})"
+        )
+
+    # -- dataset --------------------------------------------------------------------
+
+    @property
+    def dataset(self) -> str:
+        return self._params.dataset
+
+    @property
+    def rank(self) -> int:
+        return self._params.rank
+
+    @property
+    def world_size(self) -> int:
+        return self._params.world_size
+
+    @property
+    def epoch(self) -> int:
+        """The epoch :meth:`iterate` resumes by default (advanced when an epoch ends)."""
+        return self._epoch
+
+    @property
+    def next_batch(self) -> int:
+        """The batch :meth:`iterate` resumes from by default."""
+        return self._next
+
+    def refresh(self) -> DatasetInfo:
+        """Ask the server again for the dataset's info and this rank's epoch plan."""
+        path = f"/v1/datasets/{urllib.parse.quote(self.dataset, safe='')}"
+        resp = self._transport().get(path, self._params.plan_query())
+        info = parse_info(self.dataset, resp.json(), resp.url)
+        self._info = info
+        return info
+
+    @property
+    def info(self) -> DatasetInfo:
+        """Dataset count, fields, classes, fingerprint and epoch plan (fetched once)."""
+        return self._info if self._info is not None else self.refresh()
+
+    def __len__(self) -> int:
+        """Batches per epoch for this rank."""
+        return self.info.batches
+
+    # -- batches --------------------------------------------------------------------
+
+    def _fetch(
+        self, epoch: int, k: int, expect: DatasetInfo, cancel: Cancel | None = None
+    ) -> Batch:
+        path = f"/v1/datasets/{urllib.parse.quote(self.dataset, safe='')}/batches/{k}"
+        resp = self._transport().get(path, self._params.batch_query(epoch), cancel=cancel)
+        batch = decode(resp.body)
+        if batch.fingerprint != expect.fingerprint:
+            raise FingerprintError(
+                f"dataset {self.dataset!r} changed on the server (fingerprint "
+                f"{expect.fingerprint} -> {batch.fingerprint}) during epoch {epoch}: "
+                "restart the epoch / re-create the client"
+            )
+        if (batch.dataset, batch.epoch, batch.batch) != (self.dataset, epoch, k):
+            raise WireError(
+                f"{resp.url}: asked for {self.dataset!r} epoch {epoch} batch {k}, got "
+                f"{batch.dataset!r} epoch {batch.epoch} batch {batch.batch}"
+            )
+        out: Batch = dict(batch.fields)
+        out["index"] = batch.index
+        return out
+
+    def _batches(
+        self, epoch: int, ks: Iterable[int], expect: DatasetInfo
+    ) -> Generator[Batch, None, None]:
+        """Batches ``ks`` of ``epoch`` in order, ``prefetch`` ahead (for the adapters)."""
+        return _prefetched(ks, lambda k, c: self._fetch(epoch, k, expect, c), self.prefetch)
+
+    def iterate(
+        self, epoch: int | None = None, start: int | None = None, *, progress: bool = False
+    ) -> Iterator[Batch]:
+        """Yield batches ``start``..end of ``epoch`` in order as ``{field: array, "index": ids}``.
+
+        With no ``epoch``, resume where :meth:`state_dict` / the last iteration left off.
+        Requests run ``prefetch`` ahead; closing the iterator early cancels them.
+        Raises :class:`FingerprintError` if the dataset changes on the server mid-epoch.
+        """
+        if epoch is None:
+            epoch, default_start = self._epoch, self._next
+        else:
+            epoch, default_start = _int("epoch", epoch, 0, 2**63 - 1), 0
+        first = default_start if start is None else _int("start", start, 0)
+        return self._iterate(epoch, first, progress)
+
+    def _iterate(self, epoch: int, start: int, progress: bool) -> Iterator[Batch]:
+        info = self.refresh()  # the fingerprint every batch of this epoch must carry
+        if start > info.batches:
+            raise ValueError(f"start={start} is past the end of the epoch ({info.batches} batches)")
+        resumed = self._resume_fingerprint
+        if start > 0 and epoch == self._epoch and resumed and resumed != info.fingerprint:
+            raise FingerprintError(
+                f"dataset {self.dataset!r} changed on the server (fingerprint {resumed} -> "
+                f"{info.fingerprint}) since the state was saved mid-epoch {epoch}: "
+                "restart the epoch / re-create the client"
+            )
+        bar = _progress_bar(info, epoch, start) if progress else None
+        batches = _prefetched(
+            range(start, info.batches),
+            lambda k, c: self._fetch(epoch, k, info, c),
+            self.prefetch,
+        )
+        try:
+            for k, batch in enumerate(batches, start):
+                self._epoch, self._next = epoch, k + 1
+                self._resume_fingerprint = info.fingerprint
+                if bar is not None:
+                    bar.update(1)
+                yield batch
+            self._epoch, self._next = epoch + 1, 0
+        finally:
+            batches.close()  # cancel and join the fetchers now, not at garbage collection
+            if bar is not None:
+                bar.close()
+
+    # -- resume ---------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Position and parameters, JSON-serialisable: save it with your checkpoint."""
+        return {
+            "format": _STATE_FORMAT,
+            "params": asdict(self._params),
+            "epoch": self._epoch,
+            "next_batch": self._next,
+            "fingerprint": self._resume_fingerprint,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Resume from :meth:`state_dict`; the client's parameters must be the saved ones."""
+        if not isinstance(state, Mapping) or state.get("format") != _STATE_FORMAT:
+            raise StateError(
+                f"not a batchd client state (expected format {_STATE_FORMAT!r}): "
+                "pass what Client.state_dict() returned"
+            )
+        saved = state.get("params")
+        mine = asdict(self._params)
+        if not isinstance(saved, Mapping) or set(saved) != set(mine):
+            raise StateError(f"state params {saved!r} do not have the keys {sorted(mine)}")
+        diff = [f"{k}={saved[k]!r} (this client: {mine[k]!r})" for k in mine if saved[k] != mine[k]]
+        if diff:
+            raise StateError(
+                "the state was saved by a client with other parameters: "
+                + ", ".join(diff)
+                + "; create the client with the saved parameters to resume"
+            )
+        try:
+            epoch = _int("epoch", state.get("epoch"), 0)
+            nxt = _int("next_batch", state.get("next_batch"), 0)
+        except ValueError as exc:
+            raise StateError(f"corrupt client state: {exc}") from exc
+        fingerprint = state.get("fingerprint")
+        if fingerprint is not None and not isinstance(fingerprint, str):
+            raise StateError(f"corrupt client state: fingerprint {fingerprint!r}")
+        self._epoch, self._next, self._resume_fingerprint = epoch, nxt, fingerprint
+
+    # -- framework adapters -----------------------------------------------------------
+
+    def _with_shard(self, rank: int, world_size: int) -> Client:
+        p = self._params
+        other = Client(
+            self.urls,
+            p.dataset,
+            batch_size=p.batch_size,
+            seed=p.seed,
+            shuffle=p.shuffle,
+            drop_last=p.drop_last,
+            augment=json.loads(p.augment),
+            rank=rank,
+            world_size=world_size,
+            token=self._token,
+            prefetch=self.prefetch,
+            timeout=self.timeout,
+            retry_deadline=self.retry_deadline,
+        )
+        other._epoch = self._epoch
+        return other
+
+    def keras(
+        self,
+        x: str | Sequence[str],
+        y: str | Sequence[str] | None = None,
+        sample_weight: str | None = None,
+        **kwargs: Any,
+    ) -> KerasDataset:
+        """A ``keras.utils.PyDataset`` over this client's epochs (imports keras now).
+
+        ``x``/``y``: a field name or a tuple of names (multi-input/-output);
+        ``kwargs`` (``workers``, ``use_multiprocessing``, ``max_queue_size``) go to
+        ``PyDataset``. Batch ``k`` is batch ``k`` of the current epoch; each
+        ``on_epoch_end`` moves to the next epoch.
+        """
+        from ._keras import KerasDataset
+
+        return KerasDataset(self, x=x, y=y, sample_weight=sample_weight, **kwargs)
+
+    def torch(self, *, rank: int | None = None, world_size: int | None = None) -> TorchDataset:
+        """A ``torch.utils.data.IterableDataset`` of ready batches (imports torch now).
+
+        Use ``DataLoader(ds, batch_size=None, num_workers=W)``: worker ``w`` takes
+        batches ``w, w+W, ...`` so the workers together yield the epoch once.
+        """
+        from ._torch import TorchDataset, resolve_shard
+
+        r, w = resolve_shard(self, rank, world_size)
+        client = self if (r, w) == (self.rank, self.world_size) else self._with_shard(r, w)
+        return TorchDataset(client)
+
+
+def _progress_bar(info: DatasetInfo, epoch: int, start: int) -> Any:
+    try:
+        from tqdm.auto import tqdm
+    except ImportError as exc:
+        raise ImportError("progress=True needs tqdm: pip install tqdm") from exc
+    return tqdm(total=info.batches, initial=start, unit="batch", desc=f"{info.name} epoch {epoch}")
+
+
+def datasets(
+    urls: str | Sequence[str],
+    *,
+    token: str | None = None,
+    timeout: float = 60.0,
+    retry_deadline: float = 10.0,
+) -> list[str]:
+    """Names of the datasets a server serves (``GET /v1/datasets``)."""
+    tx = Transport(
+        _urls(urls),
+        token=token if token is not None else os.environ.get("BATCHD_TOKEN") or None,
+        timeout=timeout,
+        retry_deadline=retry_deadline,
+    )
+    try:
+        resp = tx.get("/v1/datasets")
+        payload = resp.json()
+        try:
+            return [str(d["name"]) for d in payload["datasets"]]
+        except (KeyError, TypeError) as exc:
+            raise TransportError(
+                f"{resp.url}: /v1/datasets answered {payload!r:.200}, not a dataset list"
+            ) from exc
+    finally:
+        tx.close()

@@ -1,0 +1,70 @@
+"""What a server says about a dataset: its fields, classes, fingerprint and epoch plan."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from ._exceptions import TransportError
+
+__all__ = ["DatasetInfo", "FieldInfo", "parse_info"]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class FieldInfo:
+    """One field of a dataset as the server describes it."""
+
+    dtype: str
+    shape: tuple[int, ...] | None
+    """Per-sample shape; ``None`` when samples vary (the pipeline must make them equal)."""
+    role: str | None = None
+    encoding: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class DatasetInfo:
+    """What ``GET /v1/datasets/{name}`` says, plus this client's epoch plan."""
+
+    name: str
+    count: int
+    fingerprint: str
+    fields: Mapping[str, FieldInfo]
+    classes: tuple[str, ...] | None
+    batches: int
+    """Batches per epoch for this client's rank."""
+    samples_per_rank: int
+    raw: Mapping[str, Any]
+    """The whole JSON answer, for keys this client does not model."""
+
+
+def parse_info(name: str, raw: Any, url: str) -> DatasetInfo:
+    try:
+        # docs/protocol.md's brief says {"epoch": {"batches"}}; the server sends
+        # {"plan": {"num_batches"}}: accept both until the contract settles.
+        plan = raw["epoch"] if "epoch" in raw else raw["plan"]
+        fields = {
+            str(k): FieldInfo(
+                dtype=str(v["dtype"]),
+                shape=None if v.get("shape") is None else tuple(int(s) for s in v["shape"]),
+                role=v.get("role"),
+                encoding=v.get("encoding"),
+            )
+            for k, v in (raw.get("fields") or {}).items()
+        }
+        classes = raw.get("classes")
+        return DatasetInfo(
+            name=str(raw.get("name", name)),
+            count=int(raw["count"]),
+            fingerprint=str(raw["fingerprint"]),
+            fields=fields,
+            classes=None if classes is None else tuple(str(c) for c in classes),
+            batches=int(plan["batches"] if "batches" in plan else plan["num_batches"]),
+            samples_per_rank=int(plan.get("samples_per_rank", 0)),
+            raw=raw,
+        )
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise TransportError(
+            f"{url}: dataset info for {name!r} lacks or mistypes {exc}; "
+            "is this a batchd server speaking protocol v1 (docs/protocol.md)?"
+        ) from exc
