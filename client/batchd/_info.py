@@ -40,9 +40,7 @@ class DatasetInfo:
 
 def parse_info(name: str, raw: Any, url: str) -> DatasetInfo:
     try:
-        # docs/protocol.md's brief says {"epoch": {"batches"}}; the server sends
-        # {"plan": {"num_batches"}}: accept both until the contract settles.
-        plan = raw["epoch"] if "epoch" in raw else raw["plan"]
+        plan = raw["plan"]
         fields = {
             str(k): FieldInfo(
                 dtype=str(v["dtype"]),
@@ -59,8 +57,8 @@ def parse_info(name: str, raw: Any, url: str) -> DatasetInfo:
             fingerprint=str(raw["fingerprint"]),
             fields=fields,
             classes=None if classes is None else tuple(str(c) for c in classes),
-            batches=int(plan["batches"] if "batches" in plan else plan["num_batches"]),
-            samples_per_rank=int(plan.get("samples_per_rank", 0)),
+            batches=int(plan["num_batches"]),
+            samples_per_rank=int(plan["samples_per_rank"]),
             raw=raw,
         )
     except (KeyError, TypeError, ValueError, AttributeError) as exc:

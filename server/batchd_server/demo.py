@@ -18,13 +18,13 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import click
-import httpx
 import numpy as np
 from numpy.typing import NDArray
 
@@ -140,14 +140,16 @@ def _start_server(data: Path, log: Path) -> _Server:
 def _wait_healthy(server: _Server) -> bool:
     """True once /healthz answers 200; False if the process exited (e.g. port taken)."""
     deadline = time.monotonic() + _HEALTH_TIMEOUT
-    with httpx.Client(timeout=1.0) as http:
-        while time.monotonic() < deadline:
-            if server.proc.poll() is not None:
-                return False
-            with contextlib.suppress(httpx.HTTPError):
-                if http.get(f"{server.url}/healthz").status_code == 200:
-                    return True
-            time.sleep(0.1)
+    while time.monotonic() < deadline:
+        if server.proc.poll() is not None:
+            return False
+        with (
+            contextlib.suppress(OSError),  # not listening yet (URLError is an OSError)
+            urllib.request.urlopen(f"{server.url}/healthz", timeout=1.0) as answer,
+        ):
+            if answer.status == 200:
+                return True
+        time.sleep(0.1)
     server.stop()
     raise click.ClickException(
         f"the server did not answer /healthz within {_HEALTH_TIMEOUT:.0f} s; "
