@@ -71,16 +71,7 @@ class _Params:
         }
 
     def batch_query(self, epoch: int) -> dict[str, str]:
-        return {
-            "seed": str(self.seed),
-            "epoch": str(epoch),
-            "batch_size": str(self.batch_size),
-            "shuffle": _flag(self.shuffle),
-            "drop_last": _flag(self.drop_last),
-            "rank": str(self.rank),
-            "world_size": str(self.world_size),
-            "augment": self.augment,
-        }
+        return {"seed": str(self.seed), "epoch": str(epoch), **self.plan_query()}
 
 
 def _flag(value: bool) -> str:
