@@ -283,14 +283,14 @@ def _describe(first: Batch, info: DatasetInfo) -> None:
 )
 @click.option(
     "--size",
-    default=128,
+    default=64,
     show_default=True,
     type=click.IntRange(32, 1024),
     help="Image side in pixels.",
 )
 @click.option(
     "--epochs",
-    default=2,
+    default=10,
     show_default=True,
     type=click.IntRange(min=0),
     help="Training epochs (with torch).",
