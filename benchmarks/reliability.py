@@ -54,7 +54,7 @@ def _memmap_reads() -> Iterator[None]:
     def mm_rows(self: Dataset, name: str, ids: Any, out: Any) -> None:
         np.take(self.array(name), ids, axis=0, out=out, mode="clip")
 
-    def mm_row(self: Dataset, name: str, i: int) -> Any:
+    def mm_row(self: Dataset, name: str, i: int, out: Any = None) -> Any:
         return self.array(name)[i]
 
     Dataset.read_rows, Dataset.read_row = mm_rows, mm_row  # type: ignore[method-assign]

@@ -29,7 +29,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from batchd import __version__
 
-from .engine import BatchRequest, Engine
+from .engine import MAX_WORLD_SIZE, BatchRequest, Engine
 from .registry import Rejected
 from .shuffle import MAX_SEED
 
@@ -38,7 +38,10 @@ __all__ = ["create_app"]
 log = logging.getLogger("batchd.app")
 
 MSGPACK = "application/msgpack"
-_MAX_AUGMENT_CHARS = 16384
+# uvicorn/httptools refuse a request line over ~64 KiB (a plain-text 400 outside our
+# JSON contract); 4096 characters percent-encode to at most 48 KiB even as 4-byte UTF-8,
+# so every augment the schema allows reaches the app (found by schemathesis, issue 7).
+_MAX_AUGMENT_CHARS = 4096
 _OPEN_PATHS = frozenset({"/healthz"})
 
 
@@ -53,7 +56,9 @@ class ErrorBody(BaseModel):
 Name = Annotated[str, Path(description="dataset name (a directory under --data)")]
 Seed = Annotated[int, Query(ge=0, le=MAX_SEED, description="0 .. 2^63-1")]
 Rank = Annotated[int, Query(ge=0, description="this trainer's rank, 0 .. world_size-1")]
-WorldSize = Annotated[int, Query(ge=1, description="number of trainers sharing the epoch")]
+WorldSize = Annotated[
+    int, Query(ge=1, le=MAX_WORLD_SIZE, description="number of trainers sharing the epoch")
+]
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorBody, "description": "A parameter, name or pipeline is invalid"},
@@ -119,6 +124,9 @@ def create_app(engine: Engine, *, token: str | None = None) -> FastAPI:
         version=__version__,
         description="Shuffled, augmented training batches from memory-mapped packs (docs/protocol.md).",
         lifespan=lifespan,
+        # No 307 to the slash-less path: a trailing slash (or a name with an encoded one)
+        # gets the JSON 404 of docs/protocol.md like any other unknown route (issue 7).
+        redirect_slashes=False,
     )
     app.state.engine = engine
     metrics = engine.metrics
@@ -155,7 +163,15 @@ def create_app(engine: Engine, *, token: str | None = None) -> FastAPI:
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/metrics", tags=["ops"], response_class=Response)
+    @app.get(
+        "/metrics",
+        tags=["ops"],
+        response_class=Response,
+        responses={
+            200: {"content": {"text/plain": {}}, "description": "Prometheus text format"},
+            401: _ERRORS[401],
+        },
+    )
     async def prometheus() -> Response:
         text = await asyncio.to_thread(metrics.render)
         return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
@@ -197,6 +213,7 @@ def create_app(engine: Engine, *, token: str | None = None) -> FastAPI:
         responses={
             200: {"content": {MSGPACK: {}}, "description": "msgpack batch body (docs/protocol.md)"},
             **_ERRORS,
+            409: {"model": ErrorBody, "description": "The pack changed on disk or is corrupt"},
             413: {"model": ErrorBody, "description": "The body would exceed --max-batch-bytes"},
             503: {"model": ErrorBody, "description": "Too many batches computing; retry"},
         },
@@ -244,6 +261,21 @@ def create_app(engine: Engine, *, token: str | None = None) -> FastAPI:
             },
         )
 
+    def openapi() -> dict[str, Any]:
+        # Validation errors are answered 400 (handler above), never FastAPI's 422: drop
+        # the 422 it declares on every operation so the schema says what the server does
+        # (schemathesis checks responses against it: tests/reliability/test_http_fuzz.py).
+        if app.openapi_schema is None:
+            schema = FastAPI.openapi(app)
+            for ops in schema.get("paths", {}).values():
+                for op in ops.values():
+                    op.get("responses", {}).pop("422", None)
+            for unused in ("HTTPValidationError", "ValidationError"):
+                schema.get("components", {}).get("schemas", {}).pop(unused, None)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     if token is not None:
         app.add_middleware(_BearerAuth, token=token)
     return app

@@ -36,7 +36,7 @@ from batchd._wire import Layout, layout
 
 from .augment import Pipeline
 from .cache import LRU, ByteLRU
-from .errors import ConfigError, FormatError, PipelineError
+from .errors import ConfigError, FormatError, PipelineError, StaleError
 from .format import Dataset
 from .metrics import Metrics
 from .pool import PriorityPool
@@ -51,6 +51,7 @@ _FOREGROUND = 0
 _READAHEAD = 1
 _BODY_OVERHEAD = 64 * 1024  # msgpack headers and alignment pads of one body, generously
 _MIN_ROWS_PER_CHUNK = 8  # below this, splitting a batch costs more than it saves
+MAX_WORLD_SIZE = 1 << 24  # far more trainers than any job has
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -142,8 +143,10 @@ def _check_request(req: BatchRequest) -> None:
             raise _bad(name, f"must be in 0..2**63-1 ({MAX_SEED}), got {value}")
     if req.batch_size < 1:
         raise _bad("batch_size", f"must be >= 1, got {req.batch_size}")
-    if req.world_size < 1:
-        raise _bad("world_size", f"must be >= 1, got {req.world_size}")
+    if not 1 <= req.world_size <= MAX_WORLD_SIZE:
+        # The cap keeps sample positions (index * world_size) inside int64: a larger
+        # world_size was an OverflowError, a 500 (found by tests/reliability).
+        raise _bad("world_size", f"must be in 1..{MAX_WORLD_SIZE}, got {req.world_size}")
     if not 0 <= req.rank < req.world_size:
         raise _bad("rank", f"must be in 0..world_size-1 = 0..{req.world_size - 1}, got {req.rank}")
 
@@ -396,6 +399,11 @@ class Engine:
                 await self._pool.submit(_READAHEAD, fill, a, b)
         except PipelineError as exc:  # per-sample: e.g. an encoded image smaller than a crop
             raise _pipeline_error(exc) from None
+        except StaleError as exc:
+            # A short read: the pack was truncated or rewritten under us after check().
+            # Re-open it and retry once (batch()), never serve a partial body (issue 7).
+            self.registry.invalidate(req.dataset)
+            raise _Stale(str(exc)) from None
         except FormatError as exc:
             raise Rejected(
                 409,
@@ -410,25 +418,35 @@ class Engine:
     ) -> Callable[[int, int], None]:
         ds, pipeline = prep.dataset, prep.pipeline
         specs = ds.fields
+        # Samples are read with pread (Dataset.read_rows/read_row), never through the
+        # memory map: a pack truncated while a batch is gathered must give a StaleError,
+        # not a SIGBUS that kills the server (issue 7; docs/reliability.md has the cost).
         if not pipeline.ops and all(s.encoding == "raw" for s in specs.values()):
-            arrays = {name: ds.array(name) for name in out}
 
             def gather(a: int, b: int) -> None:
                 for name, view in out.items():
-                    # mode="clip": with the default "raise", numpy gathers into a temporary
-                    # and copies; ids are already in range (EpochPlan made them).
-                    np.take(arrays[name], ids[a:b], axis=0, out=view[a:b], mode="clip")
+                    ds.read_rows(name, ids[a:b], view[a:b])
 
             return gather
 
-        def load(r: int) -> dict[str, NDArray[Any]]:
-            i = int(ids[r])
-            return {
-                name: ds.array(name)[i] if spec.encoding == "raw" else ds.decode(name, i)
+        def run(a: int, b: int) -> None:
+            # One scratch row per raw field for this chunk of rows: Pipeline.run consumes
+            # each loaded sample before it loads the next, so the buffer can be reused.
+            scratch = {
+                name: np.empty(spec.shape, spec.dtype)
                 for name, spec in specs.items()
+                if spec.encoding == "raw" and spec.shape is not None
             }
 
-        def run(a: int, b: int) -> None:
+            def load(r: int) -> dict[str, NDArray[Any]]:
+                i = int(ids[r])
+                return {
+                    name: ds.read_row(name, i, scratch[name])
+                    if spec.encoding == "raw"
+                    else ds.decode(name, i)
+                    for name, spec in specs.items()
+                }
+
             pipeline.run(load, ids, prep.req.seed, prep.req.epoch, out, range(a, b), fields=specs)
 
         return run

@@ -4,6 +4,7 @@
 
     batchd.BatchdError
     ├── FormatError       a pack on disk is missing, torn, corrupt or of another version
+    │   └── StaleError    a pack file shrank or changed while it was being read: reopen it
     ├── PackError         the packer's input is wrong (empty folder, bad CSV, unreadable image)
     ├── PipelineError     an augmentation pipeline that does not validate (names op and parameter)
     └── ConfigError       a server option that cannot work (names the option and the value)
@@ -15,7 +16,7 @@ from pathlib import Path
 
 from batchd import BatchdError
 
-__all__ = ["ConfigError", "FormatError", "PackError", "PipelineError"]
+__all__ = ["ConfigError", "FormatError", "PackError", "PipelineError", "StaleError"]
 
 
 class FormatError(BatchdError):
@@ -25,6 +26,15 @@ class FormatError(BatchdError):
         self.path = Path(path)
         self.problem = problem
         super().__init__(f"{self.path}: {problem}")
+
+
+class StaleError(FormatError):
+    """A read came up short: the file was truncated or rewritten in place since it was opened.
+
+    Not corruption of the pack as written (a short read of a file whose size was checked
+    at open means someone changed it under us), so the server re-opens the pack and
+    retries instead of reporting it corrupt.
+    """
 
 
 class PackError(BatchdError):

@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import itertools
 import json
 import math
 import os
@@ -55,7 +56,7 @@ from numpy.typing import NDArray
 
 from batchd import __version__
 
-from .errors import FormatError, PackError
+from .errors import FormatError, PackError, StaleError
 
 __all__ = [
     "CHUNK_SIZE",
@@ -359,7 +360,9 @@ class Dataset:
                 self._map(fname, spec.dtype, (n, *spec.shape))
                 continue
             data, offs, sizes = spec.files()
-            o = self._map(offs, np.dtype("<i8"), (n + 1,))
+            # Small index files are read into memory, not mapped: the server then never
+            # touches a mapping of them (see _read_at on why mappings are dangerous).
+            o = self._map(offs, np.dtype("<i8"), (n + 1,), load=True)
             dsize = self.header["files"][data]["size"]
             if o[0] != 0 or o[-1] != dsize:
                 raise FormatError(
@@ -373,12 +376,12 @@ class Dataset:
                     self.path / offs, f"offsets decrease at sample {i} ({o[i]} > {o[i + 1]})"
                 )
             self._map(data, np.dtype("u1"), (dsize,))
-            s = self._map(sizes, np.dtype("<i4"), (n, 2))
+            s = self._map(sizes, np.dtype("<i4"), (n, 2), load=True)
             if (s <= 0).any():
                 raise FormatError(self.path / sizes, "an image size is zero or negative")
 
     def _map(
-        self, fname: str, dtype: np.dtype[Any], shape: tuple[int, ...]
+        self, fname: str, dtype: np.dtype[Any], shape: tuple[int, ...], *, load: bool = False
     ) -> np.ndarray[Any, Any]:
         fpath = self.path / fname
         want = math.prod(shape) * dtype.itemsize
@@ -405,6 +408,9 @@ class Dataset:
         arr: np.ndarray[Any, Any]
         if want == 0:
             arr = np.zeros(shape, dtype)
+        elif load:
+            arr = np.empty(shape, dtype)
+            self._read_at(fname, arr.reshape(-1).view(np.uint8).data, 0)
         else:
             arr = np.memmap(f, dtype=dtype, mode="r", shape=shape)
         self._maps[fname] = arr
@@ -425,18 +431,91 @@ class Dataset:
         spec = self._spec(name, "raw")
         return self._maps[spec.files()[0]]
 
+    # --- reads that cannot SIGBUS (the server's path) ----------------------------
+    # Touching a mapped page past the end of a file truncated since it was mapped is a
+    # SIGBUS, which kills the whole server; check() narrows the window but cannot close
+    # it. os.preadv of the same bytes into our own buffer turns a truncation into a
+    # short read, reported as StaleError. The server reads samples only this way;
+    # array() stays for tools and tests that own their files.
+
+    def _read_at(self, fname: str, buf: memoryview, offset: int) -> None:
+        """Fill ``buf`` from ``fname`` at ``offset``; StaleError on a short read."""
+        f = self._files.get(fname)
+        if f is None:
+            raise FormatError(self.path, "the dataset is closed")
+        want = len(buf)
+        done = 0
+        while done < want:
+            try:
+                n = os.preadv(f.fileno(), [buf[done:]], offset + done)
+            except (OSError, ValueError) as exc:  # ValueError: closed by another thread
+                raise StaleError(
+                    self.path / fname, f"read at byte {offset + done} failed: {exc}"
+                ) from None
+            if n == 0:
+                raise StaleError(
+                    self.path / fname,
+                    f"short read at byte {offset + done} ({done} of {want} bytes): the file was "
+                    "truncated since it was opened; reopen the dataset",
+                )
+            done += n
+
+    def read_rows(self, name: str, ids: NDArray[np.integer], out: NDArray[Any]) -> None:
+        """Copy samples ``ids`` of raw field ``name`` into ``out`` (C-contiguous ``(len(ids), *shape)``).
+
+        Consecutive ids are read with one call; a truncated file is a StaleError.
+        """
+        spec = self._spec(name, "raw")
+        assert spec.shape is not None
+        if out.shape != (len(ids), *spec.shape) or out.dtype != spec.dtype:
+            raise ValueError(
+                f"out is {out.dtype} {out.shape}, field {name!r} needs {spec.dtype} {(len(ids), *spec.shape)}"
+            )
+        if not out.flags.c_contiguous:
+            raise ValueError("out must be C-contiguous")
+        if len(ids) == 0:
+            return
+        if int(ids.min()) < 0 or int(ids.max()) >= self.count:
+            raise IndexError(f"sample ids out of range for {self.count} samples")
+        row = spec.dtype.itemsize * math.prod(spec.shape)
+        flat = out.reshape(-1).view(np.uint8).data
+        fname = spec.files()[0]
+        # Runs of consecutive ids (natural order) become one read each.
+        starts = [0, *(np.flatnonzero(np.diff(ids) != 1) + 1).tolist(), len(ids)]
+        for a, b in itertools.pairwise(starts):
+            self._read_at(fname, flat[a * row : b * row], int(ids[a]) * row)
+
+    def read_row(self, name: str, i: int, out: NDArray[Any] | None = None) -> NDArray[Any]:
+        """Sample ``i`` of raw field ``name``, read into ``out`` (or a fresh array) and returned.
+
+        Never a view of the mapping. Pass a reused ``out`` on hot paths: a fresh 200 KB
+        array per sample costs more (allocation and page faults) than the read itself.
+        """
+        spec = self._spec(name, "raw")
+        assert spec.shape is not None
+        i = self._index(i)
+        if out is None:
+            out = np.empty(spec.shape, spec.dtype)
+        elif out.shape != spec.shape or out.dtype != spec.dtype or not out.flags.c_contiguous:
+            raise ValueError(f"out must be C-contiguous {spec.dtype} {spec.shape}")
+        row = out.nbytes
+        self._read_at(spec.files()[0], out.reshape(-1).view(np.uint8).data, i * row)
+        return out
+
     def _index(self, i: int) -> int:
         if not -self.count <= i < self.count:
             raise IndexError(f"sample {i} out of range for {self.count} samples")
         return i % self.count
 
     def encoded(self, name: str, i: int) -> memoryview:
-        """The stored bytes of sample ``i`` of an encoded field (a view into the mapping)."""
+        """The stored bytes of sample ``i`` of an encoded field (a fresh copy, read with pread)."""
         spec = self._spec(name, "image")
         data, offs, _ = spec.files()
         i = self._index(i)
-        o = self._maps[offs]
-        return _view(self._maps[data][int(o[i]) : int(o[i + 1])])
+        o = self._maps[offs]  # in memory (loaded at open)
+        buf = memoryview(bytearray(int(o[i + 1]) - int(o[i])))
+        self._read_at(data, buf, int(o[i]))
+        return buf
 
     def sizes(self, name: str) -> NDArray[np.int32]:
         """``(count, 2)`` heights and widths of an encoded field's decoded images."""

@@ -85,6 +85,26 @@ def _stamp(path: Path) -> Stamp:
     return tuple(sorted(items))
 
 
+def _escapes(path: Path) -> str | None:
+    """Why ``path`` (a pack directly under a root) reaches outside that root, or None.
+
+    A symlink under --data (the pack itself or one of its files) that leads elsewhere
+    would serve files nobody put in the data folder; such a pack is refused with this
+    reason (issue 7). Symlinks that stay inside the root are fine.
+    """
+    root = path.parent
+    try:
+        if not path.resolve(strict=True).is_relative_to(root):
+            return "a symlink leading outside the data folder; move or copy the pack into it"
+        with os.scandir(path) as it:
+            for e in it:
+                if e.is_symlink() and not Path(e.path).resolve().is_relative_to(root):
+                    return f"{e.name}: a symlink leading outside the data folder"
+    except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop
+        return f"cannot be resolved: {exc}"
+    return None
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Entry:
     """One directory under ``--data``: an open dataset, or why it could not be opened."""
@@ -162,6 +182,10 @@ class Registry:
             self._entries = seen
 
     def _open(self, path: Path, stamp: Stamp) -> Entry:
+        escape = _escapes(path)
+        if escape is not None:
+            log.warning("not serving %s: %s", path, escape)
+            return Entry(name=path.name, path=path, stamp=stamp, dataset=None, error=escape)
         try:
             ds = open_dataset(path)
         except FormatError as exc:

@@ -59,6 +59,26 @@ def is_loopback(host: str) -> bool:
         return False  # a hostname: it may resolve to anything, so treat it as exposed
 
 
+def _config_with_guard(header_timeout: float) -> type[Any]:
+    """uvicorn.Config whose httptools protocol bounds request heads (see protocol.py).
+
+    A subclass rather than ``http=<class>`` keeps ``http="httptools"`` in the config:
+    the protocol is swapped only where uvicorn resolved that name to its class.
+    """
+    import uvicorn
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    from .protocol import guarded
+
+    class _Config(uvicorn.Config):
+        def load(self) -> None:
+            super().load()
+            if self.http_protocol_class is HttpToolsProtocol:
+                self.http_protocol_class = guarded(header_timeout)
+
+    return _Config
+
+
 def check_exposure(
     host: str, uds: Path | None, token: str | None, allow_unauthenticated: bool
 ) -> None:
@@ -141,6 +161,14 @@ def check_exposure(
     help="Batches computing at once before new ones get 503 + Retry-After.",
 )
 @click.option(
+    "--header-timeout",
+    type=click.FloatRange(min=0.1),
+    default=10.0,
+    show_default=True,
+    envvar="BATCHD_HEADER_TIMEOUT",
+    help="Seconds a connection may take to send a request's headers (slowloris guard).",
+)
+@click.option(
     "--log-level",
     type=click.Choice(["critical", "error", "warning", "info", "debug"]),
     default="info",
@@ -166,6 +194,7 @@ def serve(
     readahead: int,
     max_batch_bytes: int,
     max_inflight: int,
+    header_timeout: float,
     log_level: str,
     demo_if_empty: Path | None,
 ) -> None:
@@ -212,7 +241,7 @@ def serve(
     engine = Engine(registry, config)
     app = create_app(engine, token=token)
     server = uvicorn.Server(
-        uvicorn.Config(
+        _config_with_guard(header_timeout)(
             app,
             host=host,
             port=port,
@@ -220,6 +249,9 @@ def serve(
             loop="uvloop",
             http="httptools",
             timeout_graceful_shutdown=_GRACEFUL_S,
+            # One log format for the process (the basicConfig above): uvicorn's own
+            # dictConfig would also close every handler other libraries installed.
+            log_config=None,
             log_level=log_level,
             access_log=log_level == "debug",
             server_header=False,
