@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from batchd_server.demo import DEMO_NAME, ensure_demo_pack
-from batchd_server.format import HEADER_NAME, open_dataset
+from batchd_server.format import open_dataset
+from batchd_server.header import HEADER_NAME
 from batchd_server.synth import CLASSES, render_scene
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -74,7 +75,7 @@ def test_demo_pack_race(tmp_path: Path) -> None:
 )
 def test_batchd_demo_end_to_end(tmp_path: Path) -> None:
     cmd = [sys.executable, "-c", "from batchd_server.cli import main; main()"]
-    args = ["demo", "--n", "300", "--epochs", "1", "--workdir", str(tmp_path)]
+    args = ["demo", "--n", "300", "--epochs", "1", "--size", "64", "--workdir", str(tmp_path)]
     # its own process group: on a hang, kill the demo and the server it started together
     proc = subprocess.Popen(
         cmd + args,
@@ -104,4 +105,4 @@ def test_batchd_demo_end_to_end(tmp_path: Path) -> None:
     assert url, out
     with socket.socket() as s:  # the server is gone, not left behind
         assert s.connect_ex(("127.0.0.1", int(url.group(1)))) != 0
-    assert (tmp_path / "n300-128px-seed0" / DEMO_NAME / HEADER_NAME).is_file()
+    assert (tmp_path / "n300-64px-seed0" / DEMO_NAME / HEADER_NAME).is_file()

@@ -334,7 +334,8 @@ def test_pool_runs_foreground_before_read_ahead() -> None:
 def _encoded_pack(out: Path) -> None:
     import cv2
 
-    from batchd_server.format import DatasetWriter, Encoded, FieldSpec
+    from batchd_server.header import FieldSpec
+    from batchd_server.writer import DatasetWriter, Encoded
 
     spec = FieldSpec(
         name="image", dtype=np.dtype("u1"), shape=None, role="image", encoding="image", channels=3

@@ -17,16 +17,9 @@ import xxhash
 
 from batchd import BatchdError
 from batchd_server.errors import FormatError, PackError
-from batchd_server.format import (
-    FORMAT_VERSION,
-    HEADER_NAME,
-    MAGIC,
-    DatasetWriter,
-    Encoded,
-    FieldSpec,
-    open_dataset,
-    verify,
-)
+from batchd_server.format import open_dataset, verify
+from batchd_server.header import FORMAT_VERSION, HEADER_NAME, MAGIC, FieldSpec
+from batchd_server.writer import DatasetWriter, Encoded
 
 N = 5
 U1 = np.dtype("u1")

@@ -1,14 +1,7 @@
 """batchd_server: pack datasets into flat files and serve them as training batches."""
 
-from .format import (
-    FORMAT_VERSION,
-    Dataset,
-    DatasetWriter,
-    Encoded,
-    FieldSpec,
-    open_dataset,
-    verify,
-)
+from .format import Dataset, open_dataset, verify
+from .header import FORMAT_VERSION, FieldSpec
 from .pack import (
     PackOptions,
     PackSummary,
@@ -18,6 +11,7 @@ from .pack import (
     pack_folder,
     pack_samples,
 )
+from .writer import DatasetWriter, Encoded
 
 __all__ = [
     "FORMAT_VERSION",

@@ -51,12 +51,11 @@ from .ops import (
     OPS,
     Normalize,
     Op,
-    Windows,
-    _Sample,
     parse_op,
-    windows_only,
 )
+from .sample import _Sample
 from .shuffle import uniforms
+from .windows import Windows, windows_only
 
 __all__ = ["FieldLike", "Pipeline"]
 
@@ -350,7 +349,7 @@ class Pipeline:
         out: Mapping[str, Array],
         rows: range,
     ) -> None:
-        """Any pipeline: each sample walks the ops (see ops._Sample)."""
+        """Any pipeline: each sample walks the ops (see sample._Sample)."""
         sids = rows_ids.tolist()
         steps = [
             (op.apply, uniforms(seed, epoch, rows_ids, stream=op.index, n=op.draws).tolist())

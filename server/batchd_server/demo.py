@@ -31,7 +31,7 @@ from numpy.typing import NDArray
 from batchd import DatasetInfo
 
 from .errors import PackError
-from .format import HEADER_NAME
+from .header import HEADER_NAME
 from .pack import PackOptions, pack_csv
 from .synth import CLASSES, make_scenes
 

@@ -1,29 +1,18 @@
-"""The augmentation ops: parameter validation and their OpenCV implementations.
+"""The augmentation ops: their parameters and their OpenCV implementations.
 
 Each op is a frozen dataclass built by :func:`parse_op` from one JSON object
 ``{"op": name, **params}``; :mod:`batchd_server.augment` chains them into a pipeline.
 
-How a sample moves through the ops (``_Sample``)
-------------------------------------------------
-Image and mask fields ("geometric" fields) share one geometry: every geometric op
-applies the same parameters to all of them (images bilinear, masks nearest-neighbour).
-Flips are never executed in the middle of a pipeline: they are kept as pending flags
-and crops, resizes and rotations are mapped into the unflipped frame (a crop window is
-mirrored, a rotation angle negated), which gives the same result. The pending flip is
-done once, at the end, by ``cv2.flip(src, code, dst=out_row)``; crops are views of the
-source. So ``random_crop`` + ``hflip`` costs one copy per image, from the memmap
-straight into the response buffer. Arrays taken from the source are never written to:
-an op that writes in place (``cutout``) copies first.
-
-Channel conventions: arrays are HWC (or HW). Internally a trailing channel axis of 1
-is dropped (OpenCV returns HW for one channel) and restored by writing into a reshaped
-view of the output row. Colour ops assume RGB order.
+How a sample moves through the ops, the pending flips and the channel conventions
+are described in :mod:`batchd_server.sample`; the parameter validators are in
+:mod:`batchd_server.validators`, the batch-at-once path for flip-and-crop pipelines
+in :mod:`batchd_server.windows`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
@@ -32,8 +21,10 @@ import numpy as np
 from numpy.typing import NDArray
 
 from .errors import PipelineError
+from .sample import _Sample
+from .validators import _REQUIRED, Validator, _Bad, _channels, _float, _int, _range, _size
 
-__all__ = ["OPS", "Op", "Windows", "parse_op", "windows_only"]
+__all__ = ["OPS", "Op", "parse_op"]
 
 # The server parallelises across samples; OpenCV's own threads would only contend.
 cv2.setNumThreads(1)
@@ -44,161 +35,6 @@ Array = NDArray[Any]
 LINEAR_DTYPES = frozenset(np.dtype(t) for t in ("u1", "u2", "i2", "f4", "f8"))
 #: dtypes OpenCV cannot warp even with nearest-neighbour (masks under rotate).
 NO_WARP_DTYPES = frozenset(np.dtype(t) for t in ("?", "f2"))
-MAX_SIZE = 65536
-_REQUIRED = object()
-
-
-class _Sample:
-    """One sample's geometric fields in flight, with the pending flips (see module doc)."""
-
-    __slots__ = ("arrays", "h", "hflip", "images", "masks", "owned", "sid", "vflip", "w")
-
-    def __init__(
-        self, sid: int, arrays: dict[str, Array], images: tuple[str, ...], masks: tuple[str, ...]
-    ) -> None:
-        self.sid = sid
-        self.arrays = arrays
-        shape = next(iter(arrays.values())).shape if arrays else (0, 0)
-        self.h = int(shape[0])  # current height and width, shared by all geometric fields
-        self.w = int(shape[1])
-        self.images = images
-        self.masks = masks
-        self.owned: set[str] = set()  # names whose array we allocated (may write in place)
-        self.hflip = False
-        self.vflip = False
-
-    def hw(self) -> tuple[int, int]:
-        return self.h, self.w
-
-    def flip_code(self) -> int | None:
-        if self.hflip:
-            return -1 if self.vflip else 1
-        return 0 if self.vflip else None
-
-    def crop(self, top: int, left: int, h: int, w: int) -> None:
-        """Crop the logical (flipped) image to rows top..top+h, cols left..left+w; zero outside."""
-        H, W = self.h, self.w
-        self.h, self.w = h, w
-        if self.vflip:
-            top = H - top - h
-        if self.hflip:
-            left = W - left - w
-        if top >= 0 and left >= 0 and top + h <= H and left + w <= W:
-            for name, arr in self.arrays.items():
-                self.arrays[name] = arr[top : top + h, left : left + w]
-            return
-        y0, y1 = max(top, 0), min(top + h, H)
-        x0, x1 = max(left, 0), min(left + w, W)
-        for name, arr in self.arrays.items():
-            padded = np.zeros((h, w, *arr.shape[2:]), dtype=arr.dtype)
-            if y0 < y1 and x0 < x1:
-                padded[y0 - top : y1 - top, x0 - left : x1 - left] = arr[y0:y1, x0:x1]
-            self.arrays[name] = padded
-            self.owned.add(name)
-
-    def too_small(self, index: int, op: str, h: int, w: int, extra: str = "") -> PipelineError:
-        H, W = self.hw()
-        return PipelineError(
-            f"op {index} ({op}): sample {self.sid} is {H}x{W}{extra}, smaller than the crop "
-            f"{h}x{w}; put a resize before it or use random_resized_crop",
-            op_index=index,
-            param="size",
-        )
-
-
-# --- parameter validation -------------------------------------------------------------
-
-Validator = Callable[[Any, str], Any]  # (value, where) -> normalised value, or raises _Bad
-
-
-class _Bad(ValueError):
-    """A parameter value outside its allowed range; the message says what is allowed."""
-
-
-def _number(v: Any) -> float:
-    if isinstance(v, bool) or not isinstance(v, int | float):
-        raise _Bad(f"must be a number, got {v!r}")
-    f = float(v)
-    if not math.isfinite(f):
-        raise _Bad(f"must be finite, got {v!r}")
-    return f
-
-
-def _float(lo: float, hi: float, *, lo_open: bool = False) -> Validator:
-    def check(v: Any, _: str) -> float:
-        f = _number(v)
-        if f < lo or f > hi or (lo_open and f == lo):
-            left = "(" if lo_open else "["
-            raise _Bad(f"must be in {left}{lo:g}, {hi:g}], got {v!r}")
-        return f
-
-    return check
-
-
-def _int(lo: int, hi: int) -> Validator:
-    def check(v: Any, _: str) -> int:
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise _Bad(f"must be an integer in [{lo}, {hi}], got {v!r}")
-        if not lo <= v <= hi:
-            raise _Bad(f"must be an integer in [{lo}, {hi}], got {v!r}")
-        return v
-
-    return check
-
-
-def _size(v: Any, where: str) -> tuple[int, int]:
-    """``n`` (square) or ``[height, width]``, each in 1..MAX_SIZE."""
-    one = _int(1, MAX_SIZE)
-    if isinstance(v, list | tuple):
-        if len(v) != 2:
-            raise _Bad(f"must be [height, width], got {v!r}")
-        try:
-            return one(v[0], where), one(v[1], where)
-        except _Bad:
-            raise _Bad(
-                f"must be [height, width] with integers in [1, {MAX_SIZE}], got {v!r}"
-            ) from None
-    try:
-        n = one(v, where)
-    except _Bad:
-        raise _Bad(f"must be an integer in [1, {MAX_SIZE}] or [height, width], got {v!r}") from None
-    return n, n
-
-
-def _range(lo: float, hi: float, *, lo_open: bool = False) -> Validator:
-    def check(v: Any, where: str) -> tuple[float, float]:
-        allowed = f"[low, high] with {lo:g} {'<' if lo_open else '<='} low <= high <= {hi:g}"
-        if not isinstance(v, list | tuple) or len(v) != 2:
-            raise _Bad(f"must be {allowed}, got {v!r}")
-        try:
-            a, b = (_float(lo, hi, lo_open=lo_open)(x, where) for x in v)
-        except _Bad:
-            raise _Bad(f"must be {allowed}, got {v!r}") from None
-        if a > b:
-            raise _Bad(f"must be {allowed} (low <= high), got {v!r}")
-        return a, b
-
-    return check
-
-
-def _channels(positive: bool) -> Validator:
-    def check(v: Any, where: str) -> tuple[float, ...]:
-        items = v if isinstance(v, list | tuple) else [v]
-        what = "positive finite numbers" if positive else "finite numbers"
-        if not 1 <= len(items) <= 512:
-            raise _Bad(f"must be a number or a list of 1..512 {what} (one per channel), got {v!r}")
-        out = []
-        for x in items:
-            try:
-                f = _number(x)
-            except _Bad:
-                raise _Bad(f"must be {what} (one per channel), got {v!r}") from None
-            if positive and f <= 0:
-                raise _Bad(f"must be {what} (one per channel), got {v!r}")
-            out.append(f)
-        return tuple(out)
-
-    return check
 
 
 # --- the ops -------------------------------------------------------------------------
@@ -583,65 +419,6 @@ class Normalize(Op):
 
     def apply(self, s: _Sample, u: list[float]) -> None:  # done by the final write
         pass
-
-
-def windows_only(ops: tuple[Op, ...]) -> bool:
-    """True when every op is a flip, a centre crop or an unpadded random crop: the whole
-    pipeline is then one window + flip per sample, computed for a batch at once."""
-    return all(
-        isinstance(op, HFlip | VFlip | CenterCrop | Normalize)
-        or (isinstance(op, RandomCrop) and op.padding == 0)
-        for op in ops
-    )
-
-
-@dataclass
-class Windows:
-    """Per-row crop windows (in source pixels) and pending flips for a windows-only pipeline.
-
-    The vectorised twin of running ``_Sample.crop`` and the flips row by row (a test pins
-    them equal): same draws, same integer arithmetic, one numpy pass per op.
-    """
-
-    top: NDArray[np.int64]
-    left: NDArray[np.int64]
-    h: int
-    w: int
-    hflip: NDArray[np.bool_]
-    vflip: NDArray[np.bool_]
-
-    @classmethod
-    def compute(
-        cls,
-        ops: tuple[Op, ...],
-        hw: tuple[int, int],
-        draws: list[NDArray[np.float64] | None],
-        n: int,
-    ) -> Windows:
-        H, W = hw
-        win = cls(
-            np.zeros(n, np.int64), np.zeros(n, np.int64), H, W, np.zeros(n, bool), np.zeros(n, bool)
-        )
-        for op, u in zip(ops, draws, strict=True):
-            if isinstance(op, HFlip | VFlip):
-                assert u is not None
-                flags = win.hflip if isinstance(op, HFlip) else win.vflip
-                flags ^= u[:, 0] < op.p
-            elif isinstance(op, CenterCrop | RandomCrop):
-                h, w = op.size
-                if h > win.h or w > win.w:
-                    raise op.error(f"size {h}x{w} is larger than the {win.h}x{win.w} input", "size")
-                if isinstance(op, CenterCrop):
-                    top = np.full(n, (win.h - h) // 2, np.int64)
-                    left = np.full(n, (win.w - w) // 2, np.int64)
-                else:
-                    assert u is not None
-                    top = np.minimum((u[:, 0] * (win.h - h + 1)).astype(np.int64), win.h - h)
-                    left = np.minimum((u[:, 1] * (win.w - w + 1)).astype(np.int64), win.w - w)
-                win.top += np.where(win.vflip, win.h - top - h, top)
-                win.left += np.where(win.hflip, win.w - left - w, left)
-                win.h, win.w = h, w
-        return win
 
 
 OPS: dict[str, type[Op]] = {

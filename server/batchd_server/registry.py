@@ -26,7 +26,8 @@ from typing import Any
 from batchd import BatchdError
 
 from .errors import FormatError
-from .format import HEADER_NAME, Dataset, open_dataset
+from .format import Dataset, open_dataset
+from .header import HEADER_NAME
 
 __all__ = ["Entry", "Registry", "Rejected", "check_name"]
 

@@ -32,15 +32,10 @@ from _common import Figures, summary
 
 from batchd_server import app as app_module
 from batchd_server.errors import FormatError
-from batchd_server.format import (
-    HEADER_NAME,
-    DatasetWriter,
-    Encoded,
-    FieldSpec,
-    open_dataset,
-    verify,
-)
+from batchd_server.format import open_dataset, verify
+from batchd_server.header import HEADER_NAME, FieldSpec
 from batchd_server.ops import OPS
+from batchd_server.writer import DatasetWriter, Encoded
 from serverproc import ServerProcess, free_port, tiny_pack
 
 pytestmark = pytest.mark.reliability
