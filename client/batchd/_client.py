@@ -296,7 +296,7 @@ class Client:
         self, epoch: int, k: int, expect: DatasetInfo, cancel: Cancel | None = None
     ) -> Batch:
         path = f"/v1/datasets/{urllib.parse.quote(self.dataset, safe='')}/batches/{k}"
-        resp = self._transport().get(path, self._params.batch_query(epoch), cancel=cancel)
+        resp = self._transport().get(path, self._params.batch_query(epoch), cancel=cancel, shm=True)
         batch = decode(resp.body)
         if batch.fingerprint != expect.fingerprint:
             raise FingerprintError(

@@ -18,6 +18,16 @@ Failure model::
                                                          RequestError at once (retrying cannot help)
 
 A URL that fails is skipped for ``cooldown`` seconds while another one is healthy.
+
+Same-host fast path: on a ``unix://`` endpoint a batch request carries
+``X-Batchd-Shm: 1``, and a server started with ``--uds`` (and ``--shm``, its default
+there) answers ``application/x-batchd-shm+json`` naming the shared-memory file that
+holds the finished body instead of sending it. The file is mapped copy-on-write
+(``MAP_PRIVATE``): no byte crosses the socket, pages are shared with the server and
+the other trainers, and the arrays stay writable (a write copies that page only).
+A file the server dropped meanwhile (``ENOENT``) or of the wrong size is asked for
+again without the header, once; a path outside /dev/shm, a symlink, a non-regular
+file or one not owned by the socket's peer is refused (:class:`WireError`).
 """
 
 from __future__ import annotations
@@ -25,9 +35,12 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
+import mmap
 import os
 import random
 import socket
+import stat
+import struct
 import sys
 import threading
 import time
@@ -48,9 +61,19 @@ from ._exceptions import (
     TooLargeError,
     TransportError,
     UnavailableError,
+    WireError,
 )
 
-__all__ = ["Cancel", "Cancelled", "Endpoint", "Response", "Transport", "parse_url"]
+__all__ = [
+    "SHM_MEDIA",
+    "Cancel",
+    "Cancelled",
+    "Endpoint",
+    "Response",
+    "Transport",
+    "map_shm_body",
+    "parse_url",
+]
 
 _RETRY_STATUSES = frozenset({502, 503, 504})
 _BACKOFF_BASE = 0.05
@@ -58,6 +81,9 @@ _BACKOFF_CAP = 2.0
 _USER_AGENT = "batchd-client/1"
 #: What a dropped, reset, truncated or timed-out exchange raises; all of it is retried.
 _NETWORK_ERRORS = (OSError, http.client.HTTPException)
+SHM_MEDIA = "application/x-batchd-shm+json"
+_SHM_ROOT = "/dev/shm/"
+_SHM_HEADER = "X-Batchd-Shm"
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -257,6 +283,63 @@ def _read_body(resp: http.client.HTTPResponse, buffers: _Buffers) -> NDArray[np.
     return buf
 
 
+class _ShmGone(Exception):
+    """The announced body file is gone or changed (evicted meanwhile): ask for the bytes."""
+
+
+def _peer_uid(sock: socket.socket) -> int:
+    """The uid of the process at the other end of a unix socket (the server)."""
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return int(struct.unpack("3i", creds)[1])
+
+
+def map_shm_body(payload: Any, url: str, owner: int | None) -> NDArray[np.uint8]:
+    """Map the body an ``application/x-batchd-shm+json`` answer names, copy-on-write.
+
+    ``owner``: the uid the file must belong to (the socket's peer), or None to skip.
+    Raises :class:`_ShmGone` when the file is missing or not ``length`` bytes (the
+    server dropped it: ask again for the bytes), :class:`WireError` for an answer that
+    must never be mapped. The returned array keeps the mapping alive; no fd stays open.
+    """
+    if not isinstance(payload, dict):
+        raise WireError(f"{url}: shared-memory answer {payload!r:.200} is not a JSON object")
+    path, length = payload.get("path"), payload.get("length")
+    if not isinstance(path, str) or not isinstance(length, int) or isinstance(length, bool):
+        raise WireError(f"{url}: shared-memory answer {payload!r:.200} lacks path or length")
+    if length <= 0 or not path.startswith(_SHM_ROOT) or os.path.realpath(path) != path:
+        raise WireError(
+            f"{url}: refusing to map {path!r} ({length} bytes): a body must be a plain path "
+            f"under {_SHM_ROOT}; is this a batchd server?"
+        )
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise _ShmGone(path) from None
+    except PermissionError:
+        raise  # the caller stops asking for shared memory
+    except OSError as exc:  # ELOOP: a symlink; anything else we will not follow either
+        raise WireError(f"{url}: refusing to map {path!r}: {exc.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or (owner is not None and st.st_uid != owner):
+            raise WireError(
+                f"{url}: refusing to map {path!r}: not a regular file owned by the server "
+                f"(uid {owner})"
+            )
+        if st.st_size != length:
+            raise _ShmGone(path)
+        try:
+            # MAP_PRIVATE over a read-only fd: the server's pages, shared until written.
+            mm = mmap.mmap(
+                fd, length, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE
+            )
+        except OSError:
+            raise _ShmGone(path) from None  # out of address space or the like: the bytes
+    finally:
+        os.close(fd)
+    return np.frombuffer(mm, dtype=np.uint8)
+
+
 def _retry_after(headers: Mapping[str, str]) -> float:
     value = headers.get("retry-after", "")
     try:
@@ -337,6 +420,7 @@ class Transport:
         self._turn = 0
         self._pid = os.getpid()
         self._buffers = _Buffers(keep_buffers)
+        self._shm = True  # off for good once this user may not open the server's files
         # Idle sockets close when the transport is dropped, without ResourceWarnings.
         self._finalizer = weakref.finalize(self, _close_pools, self._lock, self._health, self._pid)
 
@@ -386,7 +470,10 @@ class Transport:
 
     # -- requests ---------------------------------------------------------------------
 
-    def _once(self, i: int, target: str, cancel: Cancel | None) -> Response:
+    def _once(self, i: int, target: str, cancel: Cancel | None, shm: bool = False) -> Response:
+        ep = self.endpoints[i]
+        shm = shm and self._shm and ep.unix_path is not None
+        headers = {**self._headers, _SHM_HEADER: "1"} if shm else self._headers
         conn, reused = self._checkout(i)
         sock = conn.sock
         if cancel is not None:
@@ -397,7 +484,7 @@ class Transport:
                 raise
         try:
             try:
-                conn.request("GET", target, headers=self._headers)
+                conn.request("GET", target, headers=headers)
                 resp = conn.getresponse()
             except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
                 if not reused or (cancel is not None and cancel.is_set()):
@@ -410,21 +497,32 @@ class Transport:
                 sock = conn.sock
                 if cancel is not None:
                     cancel.register(sock)
-                conn.request("GET", target, headers=self._headers)
+                conn.request("GET", target, headers=headers)
                 resp = conn.getresponse()
             body = _read_body(resp, self._buffers)
+            is_shm = shm and resp.status == 200 and resp.getheader("content-type") == SHM_MEDIA
+            owner = _peer_uid(conn.sock) if is_shm else None
         except BaseException:
             conn.close()
             raise
         finally:
             if cancel is not None:
                 cancel.unregister(sock)
-        headers = {k.lower(): v for k, v in resp.getheaders()}
+        got = {k.lower(): v for k, v in resp.getheaders()}
         if resp.will_close:
             conn.close()
         else:
             self._checkin(i, conn)
-        return Response(status=resp.status, headers=headers, body=body, url=self.endpoints[i].url)
+        if is_shm:
+            result = Response(status=resp.status, headers=got, body=body, url=ep.url)
+            try:
+                body = map_shm_body(result.json(), ep.url, owner)
+            except _ShmGone:
+                return self._once(i, target, cancel)  # evicted meanwhile: the bytes, once
+            except PermissionError:
+                self._shm = False  # another user's server: its files will stay closed to us
+                return self._once(i, target, cancel)
+        return Response(status=resp.status, headers=got, body=body, url=ep.url)
 
     def get(
         self,
@@ -432,8 +530,12 @@ class Transport:
         params: Mapping[str, str] | None = None,
         *,
         cancel: Cancel | None = None,
+        shm: bool = False,
     ) -> Response:
         """GET ``path`` (with ``params``) from any endpoint, retrying until the deadline.
+
+        ``shm``: on a unix-socket endpoint, accept a batch body in shared memory (the
+        returned ``body`` then maps it, copy-on-write).
 
         Returns a 2xx response; raises the mapped :class:`ServerError` for 4xx (and
         other non-retryable statuses), :class:`UnavailableError` when 502/503/504
@@ -454,7 +556,7 @@ class Transport:
                 tried.append(ep.url)
             wait = 0.0
             try:
-                result = self._once(i, ep.prefix + path + query, cancel)
+                result = self._once(i, ep.prefix + path + query, cancel, shm)
             except Cancelled:
                 raise
             except _NETWORK_ERRORS as exc:

@@ -28,7 +28,7 @@ views where the gather writes the pixels, so a batch is built in its final buffe
 from __future__ import annotations
 
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,11 +83,14 @@ def layout(
     batch: int,
     rows: int,
     fields: Mapping[str, tuple[np.dtype[Any] | str, Sequence[int]]],
+    alloc: Callable[[int], NDArray[np.uint8]] | None = None,
 ) -> Layout:
     """Plan a batch body of ``rows`` samples; ``fields`` maps name -> (dtype, per-sample shape).
 
-    Returns writable views into one freshly allocated buffer (``np.empty``, so large
-    bodies get transparent huge pages). Nothing but the array regions is left to write.
+    Returns writable views into one freshly allocated buffer: ``alloc(nbytes)`` (a
+    writable, C-contiguous uint8 array of exactly that length, e.g. in shared memory)
+    or else ``np.empty``, so large bodies get transparent huge pages. ``Layout.body``
+    is the very array ``alloc`` returned. Nothing but the array regions is left to write.
     """
     packer = msgpack.Packer(use_bin_type=True)
     pieces: list[bytes | tuple[str, str, tuple[int, ...]]] = []
@@ -135,7 +138,9 @@ def layout(
         regions[name] = (offset, dt, shape)
         offset += nbytes
 
-    body = np.empty(offset, dtype=np.uint8)
+    body = np.empty(offset, dtype=np.uint8) if alloc is None else alloc(offset)
+    if body.shape != (offset,) or body.dtype != np.uint8 or not body.flags.writeable:
+        raise ValueError(f"alloc({offset}) must return a writable uint8 array of that length")
     pos = 0
     for chunk, skip in chunks:
         body[pos : pos + len(chunk)] = np.frombuffer(chunk, dtype=np.uint8)

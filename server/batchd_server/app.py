@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -38,6 +39,7 @@ __all__ = ["create_app"]
 log = logging.getLogger("batchd.app")
 
 MSGPACK = "application/msgpack"
+SHM_JSON = "application/x-batchd-shm+json"  # same-host answer: where the body lies
 # uvicorn/httptools refuse a request line over ~64 KiB (a plain-text 400 outside our
 # JSON contract); 4096 characters percent-encode to at most 48 KiB even as 4-byte UTF-8,
 # so every augment the schema allows reaches the app (found by schemathesis, issue 7).
@@ -211,7 +213,11 @@ def create_app(engine: Engine, *, token: str | None = None) -> FastAPI:
         tags=["datasets"],
         response_class=Response,
         responses={
-            200: {"content": {MSGPACK: {}}, "description": "msgpack batch body (docs/protocol.md)"},
+            200: {
+                "content": {MSGPACK: {}, SHM_JSON: {}},
+                "description": "msgpack batch body, or with X-Batchd-Shm: 1 on a --uds "
+                "server its shared-memory path (docs/protocol.md)",
+            },
             **_ERRORS,
             409: {"model": ErrorBody, "description": "The pack changed on disk or is corrupt"},
             413: {"model": ErrorBody, "description": "The body would exceed --max-batch-bytes"},
@@ -219,6 +225,7 @@ def create_app(engine: Engine, *, token: str | None = None) -> FastAPI:
         },
     )
     async def batch(
+        request: Request,
         name: Name,
         k: Annotated[int, Path(description="batch index within this rank's epoch")],
         batch_size: Annotated[int, Query(ge=1)],
@@ -250,16 +257,24 @@ def create_app(engine: Engine, *, token: str | None = None) -> FastAPI:
         metrics.latency.observe(time.perf_counter() - start)
         metrics.batches.labels(name).inc()
         metrics.bytes.labels(name).inc(served.body.nbytes)
+        headers = {
+            "X-Batchd-Fingerprint": served.fingerprint,
+            "X-Batchd-Cache": served.source,
+            "X-Batchd-Batches": str(served.num_batches),
+        }
+        # Read from the raw headers, not a declared parameter: only batchd clients on a
+        # unix socket send it, and generic clients must keep getting the bytes.
+        if engine.shm is not None and request.headers.get("x-batchd-shm") == "1":
+            path = engine.shm.path_of(served.body)
+            if path is not None:
+                ref = {
+                    "path": path,
+                    "length": served.body.nbytes,
+                    "fingerprint": served.fingerprint,
+                }
+                return Response(json.dumps(ref).encode(), media_type=SHM_JSON, headers=headers)
         # A memoryview body is sent as it is: Starlette and uvicorn never copy it.
-        return Response(
-            served.body.data,
-            media_type=MSGPACK,
-            headers={
-                "X-Batchd-Fingerprint": served.fingerprint,
-                "X-Batchd-Cache": served.source,
-                "X-Batchd-Batches": str(served.num_batches),
-            },
-        )
+        return Response(served.body.data, media_type=MSGPACK, headers=headers)
 
     def openapi() -> dict[str, Any]:
         # Validation errors are answered 400 (handler above), never FastAPI's 422: drop

@@ -41,6 +41,7 @@ from .format import Dataset
 from .metrics import Metrics
 from .pool import PriorityPool
 from .registry import Registry, Rejected
+from .shm import ShmArena
 from .shuffle import MAX_SEED, EpochPlan, permutation
 
 __all__ = ["BatchRequest", "Engine", "EngineConfig", "Rejected", "Served"]
@@ -161,6 +162,7 @@ def _layout(
     fingerprint: str,
     rows: int,
     fields: dict[str, tuple[np.dtype[Any], tuple[int, ...]]],
+    alloc: Callable[[int], NDArray[np.uint8]] | None,
 ) -> Layout:
     return layout(
         dataset=req.dataset,
@@ -169,6 +171,7 @@ def _layout(
         batch=req.k,
         rows=rows,
         fields=fields,
+        alloc=alloc,
     )
 
 
@@ -182,9 +185,16 @@ class Engine:
     """Validates batch requests and computes their bodies; one per server process."""
 
     def __init__(
-        self, registry: Registry, config: EngineConfig | None = None, metrics: Metrics | None = None
+        self,
+        registry: Registry,
+        config: EngineConfig | None = None,
+        metrics: Metrics | None = None,
+        *,
+        shm: ShmArena | None = None,
     ) -> None:
         self.registry = registry
+        # Bodies in shared memory (``--uds``): the app may then answer with their path.
+        self.shm = shm
         self.config = config or EngineConfig()
         self.metrics = metrics or Metrics(registry)
         self._pool = PriorityPool(self.config.threads)
@@ -204,6 +214,8 @@ class Engine:
         """Stop the workers and close the registry's datasets (the engine owns both)."""
         self._pool.shutdown()
         self.registry.close()
+        if self.shm is not None:
+            self.shm.close()
 
     @property
     def cache_bytes(self) -> int:
@@ -377,8 +389,9 @@ class Engine:
         req, ds = prep.req, prep.dataset
         order = await self._order(ds, req)
         ids = prep.plan.batch_ids(order, req.k)
+        alloc = self.shm.allocate if self.shm is not None else None
         lay: Layout = await self._pool.submit(
-            flight.priority, _layout, req, ds.fingerprint, len(ids), prep.out_fields
+            flight.priority, _layout, req, ds.fingerprint, len(ids), prep.out_fields, alloc
         )
         lay.index[:] = ids
         try:
@@ -411,6 +424,11 @@ class Engine:
                 f"dataset {req.dataset!r} cannot be read: {exc.problem}; run `batchd verify` "
                 "on the server and repack it",
             ) from None
+        if self.shm is not None:  # into its shared-memory file; the scratch is recycled
+            sealed: NDArray[np.uint8] = await self._pool.submit(
+                flight.priority, self.shm.seal, lay.body
+            )
+            return sealed
         return lay.body
 
     def _filler(

@@ -110,6 +110,13 @@ def check_exposure(
     help="Listen on this unix socket instead of host:port.",
 )
 @click.option(
+    "--shm/--no-shm",
+    default=None,
+    envvar="BATCHD_SHM",
+    help="With --uds, hand batch bodies to clients in /dev/shm instead of the socket  "
+    "[default: on with --uds; --shm without --uds is an error]",
+)
+@click.option(
     "--token",
     default=None,
     envvar="BATCHD_TOKEN",
@@ -187,6 +194,7 @@ def serve(
     host: str,
     port: int,
     uds: Path | None,
+    shm: bool | None,
     token: str | None,
     allow_unauthenticated: bool,
     threads: int | None,
@@ -207,6 +215,11 @@ def serve(
 
     token = token or None  # BATCHD_TOKEN="" (an unset compose variable) means no token
     check_exposure(host, uds, token, allow_unauthenticated)
+    if shm and uds is None:
+        raise ConfigError(
+            "--shm needs --uds: shared-memory bodies are for clients on this host, which "
+            "only a unix socket guarantees; drop --shm or serve on --uds PATH"
+        )
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -238,7 +251,13 @@ def serve(
         config.threads,
         "on" if token else "off",
     )
-    engine = Engine(registry, config)
+    arena = None
+    if uds is not None and shm is not False:
+        from .shm import ShmArena
+
+        arena = ShmArena()
+        log.info("batch bodies in shared memory under %s (--no-shm to turn off)", arena.dir)
+    engine = Engine(registry, config, shm=arena)
     app = create_app(engine, token=token)
     server = uvicorn.Server(
         _config_with_guard(header_timeout)(
@@ -257,4 +276,8 @@ def serve(
             server_header=False,
         )
     )
-    server.run()
+    try:
+        server.run()
+    finally:
+        if arena is not None:  # the lifespan closed it already unless start-up failed
+            arena.close()
