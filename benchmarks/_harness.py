@@ -211,19 +211,25 @@ def _batchd_command() -> list[str]:
 
 
 def _healthy(url: str, timeout: float) -> bool:
-    import httpx  # a core dependency of batchd; imported here to keep module load light
+    """True when ``GET /healthz`` answers 200 (http://host:port or unix:///path)."""
+    import http.client
+    import socket
+    import urllib.parse
 
-    if url.startswith("unix://"):
-        transport = httpx.HTTPTransport(uds=url[len("unix://") :])
-        base = "http://batchd"
-    else:
-        transport = httpx.HTTPTransport()
-        base = url
+    parts = urllib.parse.urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname or "localhost", parts.port, timeout=timeout)
     try:
-        with httpx.Client(transport=transport, timeout=timeout) as client:
-            return client.get(f"{base}/healthz").status_code == 200
-    except httpx.HTTPError:
+        if parts.scheme == "unix":
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            conn.sock = sock  # owned by conn from here: conn.close() closes it
+            sock.settimeout(timeout)
+            sock.connect(parts.path)
+        conn.request("GET", "/healthz")
+        return conn.getresponse().status == 200
+    except (OSError, http.client.HTTPException):  # not listening yet, refused, reset, timed out
         return False
+    finally:
+        conn.close()
 
 
 @contextlib.contextmanager

@@ -217,8 +217,11 @@ def markdown(report: dict[str, Any]) -> str:
             "",
             "## Sharing: concurrent trainers (256x256, crop 224 + flip)",
             "",
+            "The server listens on a unix socket (bodies in shared memory). Memory: anonymous "
+            "PSS of every process + the server's /dev/shm bodies + the dataset's page cache.",
+            "",
             "| setup | trainers | aggregate images/s | server CPU s / 1k images "
-            "| trainer CPU s / 1k images | memory GiB (PSS + page cache) | of which server PSS "
+            "| trainer CPU s / 1k images | memory GiB | of which server (PSS + shm) "
             "| of which page cache | sum of RSS GiB |",
             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         ]

@@ -8,13 +8,18 @@ of the 256x256 set (random crop 224 + flip, batch 256):
     dataloader_cache  no server: each trainer a DataLoader with 2 workers over the
                       compressed JPEG bytes it caches in-process (read once at start-up)
 
+The server listens on a unix socket, as trainers on the server's own host should use it,
+so finished batches reach the trainers as shared-memory files (docs/protocol.md).
+
 Trainers are separate processes that set up, then wait on a shared "go" file per
 pass so their import and cache-filling time is not in the window; the aggregate rate is all
 images delivered over (last end - first start). Server CPU is psutil's user+system
 time of the server process across the window. Memory is the peak, sampled every
-0.5 s, of the processes' proportional anonymous and shared-memory set (PSS, from
-/proc/PID/smaps_rollup, so pages shared by forked workers count once) plus the
-dataset's page-cache residency (mincore) at the end; summing plain RSS would count
+0.5 s, of the processes' proportional anonymous set (Pss_Anon, from
+/proc/PID/smaps_rollup, so pages shared by forked workers count once) plus every byte of
+the server's shared-memory directory (/dev/shm/batchd-PID-*: its cached batch bodies,
+mapped by trainers or not, counted once), plus the dataset's page-cache residency
+(mincore) at the end; summing plain RSS would count
 a memory-mapped pack once per process and the page cache again, so the sum of RSS
 is recorded too, but only as a reference.
 
@@ -197,8 +202,20 @@ def _smaps(pid: int) -> dict[str, int]:
     return out
 
 
+def _shm_bytes(server_pid: int) -> int:
+    """Bytes of the batch bodies a server keeps in /dev/shm (see server/batchd_server/shm.py)."""
+    total = 0
+    for path in Path("/dev/shm").glob(f"batchd-{server_pid}-*/*"):
+        try:
+            total += path.stat().st_size
+        except OSError:  # unlinked between listing and stat: evicted, no longer memory
+            continue
+    return total
+
+
 class _MemorySampler:
-    """Peak over time of the summed PSS (anon + shmem) and RSS of a process tree."""
+    """Peak over time of the summed anonymous PSS of a process tree plus the server's
+    shared-memory files, and of the summed RSS."""
 
     def __init__(self, roots: list[int], interval: float = 0.5, server: int | None = None) -> None:
         self.roots, self.interval, self.server = roots, interval, server
@@ -219,14 +236,15 @@ class _MemorySampler:
 
     def sample(self) -> None:
         pss = rss = 0
+        shm = _shm_bytes(self.server) if self.server else 0
         for pid in self._pids():
             m = _smaps(pid)
-            mine = m.get("Pss_Anon", 0) + m.get("Pss_Shmem", 0)
+            mine = m.get("Pss_Anon", 0)
             pss += mine
             rss += m.get("Rss", 0)
             if pid == self.server:
-                self.peak_server_pss = max(self.peak_server_pss, mine)
-        self.peak_pss = max(self.peak_pss, pss)
+                self.peak_server_pss = max(self.peak_server_pss, mine + shm)
+        self.peak_pss = max(self.peak_pss, pss + shm)
         self.peak_rss = max(self.peak_rss, rss)
 
     def _loop(self) -> None:
@@ -379,7 +397,7 @@ def run(images: ImageSet, cfg: BenchConfig) -> Iterator[dict[str, Any]]:
         lists = (Path(tmp_s) / "files.txt", Path(tmp_s) / "labels.txt")
         lists[0].write_text("\n".join(str(f) for f in images.files))
         lists[1].write_text(" ".join(str(int(x)) for x in images.labels))
-        with serve(images.data_dir) as server:
+        with serve(images.data_dir, uds=True) as server:
             for mode in ("batchd_same", "batchd_seeds"):
                 for k in cfg.sharing_trainers:
                     job = _Job(

@@ -60,7 +60,7 @@ class EngineConfig:
     """Server tuning; every value is validated here and named in the error."""
 
     threads: int = field(default_factory=lambda: os.cpu_count() or 1)
-    cache_bytes: int = 1 << 30
+    cache_bytes: int = 512 << 20  # the page cache, not this, should hold the dataset
     readahead: int = 2
     max_batch_bytes: int = 512 << 20
     max_inflight: int = 64
