@@ -734,3 +734,32 @@ def test_threads_writing_disjoint_rows_give_the_same_batch() -> None:
         list(pool.map(lambda rows: p.run(load, ids, 6, 0, out, rows, fields=FIELDS), chunks))
     for name in FIELDS:
         assert np.array_equal(out[name], whole[name])
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        [{"op": "hflip", "p": 0.5}],
+        [{"op": "vflip", "p": 0.6}, {"op": "hflip", "p": 0.7}],
+        [{"op": "hflip", "p": 1.0}, {"op": "hflip", "p": 0.5}],
+    ],
+)
+def test_flip_in_place_equals_the_general_path(spec: list[dict[str, Any]]) -> None:
+    """The server gathers flips-only batches as stored, then flips them where they lie."""
+    src = full_sources()
+    p = Pipeline.parse(spec)
+    assert p.flips_only(FIELDS)
+    ids = np.array([3, 11, 0, 7, 7, 5, 1, 9, 2], dtype=np.int64)
+    expected = run(spec, src, FIELDS, ids, seed=8, epoch=3)
+    gathered = {name: np.ascontiguousarray(src[name][ids]) for name in FIELDS}
+    for rows in (range(0, 4), range(4, 9)):  # split rows as the server's threads do
+        p.flip_in_place(ids, 8, 3, gathered, rows, fields=FIELDS)
+    for name in FIELDS:
+        assert gathered[name].tobytes() == expected[name].tobytes(), name
+
+
+def test_flips_only_is_only_flips_of_fixed_size_fields() -> None:
+    assert not Pipeline.parse([]).flips_only(FIELDS)
+    assert not Pipeline.parse([{"op": "hflip"}, {"op": "center_crop", "size": 8}]).flips_only(
+        FIELDS
+    )

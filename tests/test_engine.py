@@ -77,14 +77,18 @@ def test_short_last_batch_and_natural_order(data: Path) -> None:
     np.testing.assert_array_equal(batch.index, np.arange(32, 40))
 
 
+@pytest.mark.parametrize(
+    "augment",
+    [AUG, '[{"op":"hflip"},{"op":"vflip","p":0.3}]'],  # the second: gathered, flipped in place
+)
 def test_augmented_batch_equals_one_pipeline_run(
-    data: Path, request: pytest.FixtureRequest
+    data: Path, request: pytest.FixtureRequest, augment: str
 ) -> None:
     """Rows split over threads give the bytes of one single-threaded run (invariant 4)."""
-    served = get(data, seed=5, epoch=2, k=1, augment=AUG)
+    served = get(data, seed=5, epoch=2, k=1, augment=augment)
     batch = decode(served.body)
     ds = open_dataset(data / "tiny")
-    pipe = Pipeline.parse(AUG)
+    pipe = Pipeline.parse(augment)
     request.addfinalizer(ds.close)
     out_fields = pipe.output_fields(ds.fields)
     out = {n: np.zeros((8, *shape), dt) for n, (dt, shape) in out_fields.items()}
@@ -98,8 +102,9 @@ def test_augmented_batch_equals_one_pipeline_run(
         range(8),
         fields=ds.fields,
     )
-    assert batch.fields["image"].shape == (8, 12, 12, 3)
-    np.testing.assert_array_equal(batch.fields["image"], out["image"])
+    assert batch.fields["image"].shape == (8, *out_fields["image"][1])
+    for name in out:
+        np.testing.assert_array_equal(batch.fields[name], out[name])
 
 
 def test_same_request_same_bytes_any_thread_count(data: Path) -> None:

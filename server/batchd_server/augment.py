@@ -49,8 +49,10 @@ from .ops import (
     LINEAR_DTYPES,
     NO_WARP_DTYPES,
     OPS,
+    HFlip,
     Normalize,
     Op,
+    VFlip,
     parse_op,
 )
 from .sample import _Sample
@@ -313,6 +315,51 @@ class Pipeline:
                         )
 
     # --- running -------------------------------------------------------------------------
+
+    def flips_only(self, fields: Mapping[str, FieldLike]) -> bool:
+        """True when every op is a flip and the images and masks have one fixed size.
+
+        The batch can then be gathered as stored (one read per run of ids, straight into
+        the body) and flipped where it lies (:meth:`flip_in_place`): for small images
+        that per-batch path is several times cheaper than walking the samples.
+        """
+        return (
+            bool(self.ops)
+            and all(isinstance(op, HFlip | VFlip) for op in self.ops)
+            and self._plan(fields).source_hw is not None
+        )
+
+    def flip_in_place(
+        self,
+        ids: NDArray[np.int64],
+        seed: int,
+        epoch: int,
+        out: Mapping[str, Array],
+        rows: range,
+        *,
+        fields: Mapping[str, FieldLike],
+    ) -> None:
+        """Flip rows ``rows`` of ``out``, which hold the samples ``ids`` as stored.
+
+        The twin of :meth:`run` for :meth:`flips_only` pipelines (a test pins the bytes
+        equal): the same draws decide the same flips.
+        """
+        plan = self._plan(fields)
+        assert plan.source_hw is not None, "flip_in_place needs flips_only()"
+        rows_ids = np.asarray(ids)[rows.start : rows.stop : rows.step]
+        draws: list[NDArray[np.float64] | None] = [
+            uniforms(seed, epoch, rows_ids, stream=op.index, n=op.draws) for op in self.ops
+        ]
+        win = Windows.compute(self.ops, plan.source_hw, draws, len(rows_ids))
+        codes = np.select([win.hflip & win.vflip, win.hflip, win.vflip], [-1, 1, 0], default=2)
+        targets = [(out[name], plan.cv_shapes[name]) for name in plan.images + plan.masks]
+        for k in np.flatnonzero(codes != 2).tolist():
+            r, code = rows[k], int(codes[k])
+            for buf, shape in targets:
+                dst = np.reshape(buf[r], shape, copy=False)
+                # OpenCV flips in place by swapping mirrored pairs (pinned by a test)
+                if cv2.flip(dst, code, dst=dst) is not dst:
+                    raise AssertionError("cv2.flip did not write in place")
 
     def run(
         self,

@@ -439,11 +439,15 @@ class Engine:
         # Samples are read with pread (Dataset.read_rows/read_row), never through the
         # memory map: a pack truncated while a batch is gathered must give a StaleError,
         # not a SIGBUS that kills the server (issue 7; docs/reliability.md has the cost).
-        if not pipeline.ops and all(s.encoding == "raw" for s in specs.values()):
+        all_raw = all(s.encoding == "raw" for s in specs.values())
+        if all_raw and (not pipeline.ops or pipeline.flips_only(specs)):
+            seed, epoch = prep.req.seed, prep.req.epoch
 
             def gather(a: int, b: int) -> None:
                 for name, view in out.items():
                     ds.read_rows(name, ids[a:b], view[a:b])
+                if pipeline.ops:  # flips only: mirror the stored rows where they now lie
+                    pipeline.flip_in_place(ids, seed, epoch, out, range(a, b), fields=specs)
 
             return gather
 
