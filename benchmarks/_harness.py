@@ -12,9 +12,6 @@ manager that terminates the process (then kills it) however the block exits.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
-import mmap
 import os
 import platform
 import shutil
@@ -29,6 +26,8 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from batchd_server.metrics import resident_bytes
 
 __all__ = [
     "BenchConfig",
@@ -272,52 +271,6 @@ def serve(data_dir: Path, *, uds: bool = False, startup_s: float = 60.0) -> Iter
 
 # --- page cache --------------------------------------------------------------------------
 
-_libc: ctypes.CDLL | None = None
-
-
-def _load_libc() -> ctypes.CDLL:
-    global _libc
-    if _libc is None:
-        lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        lib.mmap.restype = ctypes.c_void_p
-        lib.mmap.argtypes = [
-            ctypes.c_void_p,
-            ctypes.c_size_t,
-            ctypes.c_int,
-            ctypes.c_int,
-            ctypes.c_int,
-            ctypes.c_long,
-        ]
-        lib.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-        lib.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
-        _libc = lib
-    return _libc
-
-
-def _resident_bytes(path: Path) -> int:
-    """Bytes of ``path`` in the page cache, by mincore(2) on a fresh mapping (faults nothing)."""
-    size = path.stat().st_size
-    if size == 0:
-        return 0
-    libc = _load_libc()
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
-        if addr in (None, ctypes.c_void_p(-1).value):
-            raise OSError(ctypes.get_errno(), f"mmap failed on {path}")
-        try:
-            page = mmap.PAGESIZE
-            pages = (size + page - 1) // page
-            vec = ctypes.create_string_buffer(pages)
-            if libc.mincore(addr, size, vec) != 0:
-                raise OSError(ctypes.get_errno(), f"mincore failed on {path}")
-            resident = sum(1 for b in vec.raw if b & 1)
-            return min(resident * page, size)
-        finally:
-            libc.munmap(addr, size)
-    finally:
-        os.close(fd)
-
 
 def _files(paths: Iterable[Path]) -> Iterator[Path]:
     for p in paths:
@@ -332,7 +285,10 @@ def page_cache_bytes(paths: Iterable[Path]) -> tuple[int, int]:
     resident = total = 0
     for f in _files(paths):
         total += f.stat().st_size
-        resident += _resident_bytes(f)
+        got = resident_bytes(f)  # the server's own /metrics measurement (mincore)
+        if got is None:
+            raise OSError(f"cannot measure the page-cache residency of {f} (mincore)")
+        resident += got
     return resident, total
 
 
