@@ -329,6 +329,16 @@ class Pipeline:
             and self._plan(fields).source_hw is not None
         )
 
+    def _windows(
+        self, hw: tuple[int, int], rows_ids: NDArray[np.int64], seed: int, epoch: int
+    ) -> Windows:
+        """The crop windows and flips of a windows-only pipeline for these samples."""
+        draws = [
+            uniforms(seed, epoch, rows_ids, stream=op.index, n=op.draws) if op.draws else None
+            for op in self.ops
+        ]
+        return Windows.compute(self.ops, hw, draws, len(rows_ids))
+
     def flip_in_place(
         self,
         ids: NDArray[np.int64],
@@ -347,11 +357,7 @@ class Pipeline:
         plan = self._plan(fields)
         assert plan.source_hw is not None, "flip_in_place needs flips_only()"
         rows_ids = np.asarray(ids)[rows.start : rows.stop : rows.step]
-        draws: list[NDArray[np.float64] | None] = [
-            uniforms(seed, epoch, rows_ids, stream=op.index, n=op.draws) for op in self.ops
-        ]
-        win = Windows.compute(self.ops, plan.source_hw, draws, len(rows_ids))
-        codes = np.select([win.hflip & win.vflip, win.hflip, win.vflip], [-1, 1, 0], default=2)
+        codes = self._windows(plan.source_hw, rows_ids, seed, epoch).flip_codes()
         targets = [(out[name], plan.cv_shapes[name]) for name in plan.images + plan.masks]
         for k in np.flatnonzero(codes != 2).tolist():
             r, code = rows[k], int(codes[k])
@@ -467,15 +473,9 @@ class Pipeline:
         """Crops and flips of fixed-size fields: windows for all rows in one numpy pass,
         then one copy (or cv2.flip) per field from the source view into the batch."""
         assert plan.source_hw is not None
-        draws = [
-            uniforms(seed, epoch, rows_ids, stream=op.index, n=op.draws) if op.draws else None
-            for op in self.ops
-        ]
-        win = Windows.compute(self.ops, plan.source_hw, draws, len(rows_ids))
+        win = self._windows(plan.source_hw, rows_ids, seed, epoch)
         tops, lefts = win.top.tolist(), win.left.tolist()
-        codes = np.select(
-            [win.hflip & win.vflip, win.hflip, win.vflip], [-1, 1, 0], default=2
-        ).tolist()
+        codes = win.flip_codes().tolist()
         h, w = win.h, win.w
         values = [(name, plan.shapes[name], out[name]) for name in plan.values]
         finals = [

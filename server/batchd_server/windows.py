@@ -37,6 +37,13 @@ class Windows:
     hflip: NDArray[np.bool_]
     vflip: NDArray[np.bool_]
 
+    def flip_codes(self) -> NDArray[np.int64]:
+        """Per row, the ``cv2.flip`` code of the pending flips: 1 horizontal, 0 vertical,
+        -1 both, and 2 for none (not an OpenCV code: callers copy instead)."""
+        return np.select(
+            [self.hflip & self.vflip, self.hflip, self.vflip], [-1, 1, 0], default=2
+        ).astype(np.int64)
+
     @classmethod
     def compute(
         cls,
