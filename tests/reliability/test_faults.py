@@ -411,6 +411,33 @@ def _hammer(
         errors.append(exc)
 
 
+def _load(
+    srv: ServerProcess,
+    stop: threading.Event,
+    dataset: str,
+    batch_size: int,
+    check: Callable[[httpx.Response], str],
+    outcomes: Counter[str],
+    steady: Counter[str],
+    errors: list[BaseException],
+) -> list[threading.Thread]:
+    """Two threads hammering ``dataset`` and one reading the untouched "steady" dataset,
+    which must answer 200 throughout (the other datasets keep serving)."""
+
+    def check_steady(r: httpx.Response) -> str:
+        assert r.status_code == 200, r.text
+        return "200"
+
+    def params(bs: int) -> Callable[[int], dict[str, Any]]:
+        return lambda i: {"batch_size": bs, "seed": i}
+
+    jobs = [(dataset, batch_size, check, outcomes)] * 2 + [("steady", 8, check_steady, steady)]
+    return [
+        threading.Thread(target=_hammer, args=(srv, stop, params(bs), name, ok, counts, errors))
+        for name, bs, ok, counts in jobs
+    ]
+
+
 def _typed(r: httpx.Response, allowed: set[tuple[int, str]]) -> str:
     code = r.json().get("error")
     assert (r.status_code, code) in allowed, (r.status_code, r.text)
@@ -442,40 +469,8 @@ def test_pack_replaced_while_served(tmp_path: Path, figures: Figures) -> None:
         np.testing.assert_array_equal(b.fields["label"], b.index)
         return f"200 {list(images).index(b.fingerprint)}"
 
-    def check_steady(r: httpx.Response) -> str:
-        assert r.status_code == 200, r.text
-        return "200"
-
     srv = ServerProcess(data, args=["--cache-bytes", "0", "--readahead", "0"]).start()
-    threads = [
-        threading.Thread(
-            target=_hammer,
-            args=(
-                srv,
-                stop,
-                lambda i: {"batch_size": 16, "seed": i},
-                "swap",
-                check_swap,
-                swaps,
-                errors,
-            ),
-        )
-        for _ in range(2)
-    ]
-    threads.append(
-        threading.Thread(
-            target=_hammer,
-            args=(
-                srv,
-                stop,
-                lambda i: {"batch_size": 8, "seed": i},
-                "steady",
-                check_steady,
-                steady,
-                errors,
-            ),
-        )
-    )
+    threads = _load(srv, stop, "swap", 16, check_swap, swaps, steady, errors)
     replaced = 0
     try:
         for t in threads:
@@ -526,40 +521,8 @@ def test_pack_truncated_while_served(tmp_path: Path, figures: Figures) -> None:
         np.testing.assert_array_equal(b.fields["image"], images[b.index])
         return "200"
 
-    def check_steady(r: httpx.Response) -> str:
-        assert r.status_code == 200, r.text
-        return "200"
-
     srv = ServerProcess(data, args=["--cache-bytes", "0", "--readahead", "0"]).start()
-    threads = [
-        threading.Thread(
-            target=_hammer,
-            args=(
-                srv,
-                stop,
-                lambda i: {"batch_size": 512, "seed": i},
-                "big",
-                check_big,
-                big,
-                errors,
-            ),
-        )
-        for _ in range(2)
-    ]
-    threads.append(
-        threading.Thread(
-            target=_hammer,
-            args=(
-                srv,
-                stop,
-                lambda i: {"batch_size": 8, "seed": i},
-                "steady",
-                check_steady,
-                steady,
-                errors,
-            ),
-        )
-    )
+    threads = _load(srv, stop, "big", 512, check_big, big, steady, errors)
     truncations = 0
     try:
         for t in threads:
