@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import weakref
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
@@ -207,6 +208,27 @@ def test_cache_is_bounded_in_bytes(data: Path) -> None:
 
     try:
         assert run(go()) == ["hit", "hit", "miss"]
+    finally:
+        eng.close()
+
+
+def test_bodies_are_laid_out_in_recycled_memory(tmp_path: Path) -> None:
+    """A body nobody holds any more (sent, evicted) is reused, not freed and re-faulted."""
+    tiny_pack(tmp_path / "tiny", n=64, hw=96)  # 64 x 27 KiB: past Buffers.MIN_BYTES
+    eng = engine(tmp_path, readahead=0, cache_bytes=0)
+
+    async def go() -> None:
+        first = await _serve(eng, batch_size=64)
+        was = weakref.ref(first.body.base)
+        again = await _serve(eng, batch_size=64, epoch=1)
+        assert again.body.base is not was()  # `first` is still held
+        del first
+        third = await _serve(eng, batch_size=64, epoch=2)
+        assert third.body.base is was()
+        np.testing.assert_array_equal(decode(third.body).fields["label"], decode(third.body).index)
+
+    try:
+        run(go())
     finally:
         eng.close()
 

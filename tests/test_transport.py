@@ -17,7 +17,7 @@ from batchd import (
     TransportError,
     UnavailableError,
 )
-from batchd._transport import Cancel, Cancelled, Transport, _Buffers, parse_url
+from batchd._transport import Cancel, Cancelled, Transport, parse_url
 from stubserver import StubServer, serve_stub
 
 BATCH = "/v1/datasets/toy/batches/0"
@@ -171,18 +171,3 @@ def test_cancel_wakes_a_blocked_read() -> None:
         with pytest.raises(Cancelled):
             _tx(stub.url, timeout=10).get(BATCH, Q, cancel=cancel)
         assert time.monotonic() - t0 < 2
-
-
-def test_buffers_are_recycled_only_when_nothing_views_them() -> None:
-    pool = _Buffers(keep=4)
-    n = _Buffers.MIN_BYTES
-    first = pool.take(n)
-    view = np.frombuffer(first, dtype=np.uint32)[3:]
-    del first
-    second = pool.take(n)  # `view` still sees the first buffer: a new one
-    assert not np.shares_memory(second, view)
-    addr = second.__array_interface__["data"][0]
-    del second
-    third = pool.take(n)  # nothing sees the second one any more: recycled
-    assert third.__array_interface__["data"][0] == addr
-    assert pool.take(100).size == 100  # small bodies are never pooled

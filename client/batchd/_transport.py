@@ -4,7 +4,7 @@ One transport for every request (JSON and batches). ``http.client`` with
 ``HTTPResponse.readinto`` fills a numpy buffer in place, so a 38 MB body is never
 copied after the socket read. Faulting in fresh memory costs about a third of the
 receive time on loopback, so large bodies land in buffers that are recycled once
-nothing views them any more (:class:`_Buffers`): a batch the caller still holds is
+nothing views them any more (:class:`~batchd._buffers.Buffers`): a batch the caller still holds is
 never overwritten. ``benchmarks/bench_receive.py`` has the measurements.
 
 Failure model::
@@ -41,7 +41,6 @@ import random
 import socket
 import stat
 import struct
-import sys
 import threading
 import time
 import urllib.parse
@@ -53,6 +52,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from ._buffers import Buffers
 from ._exceptions import (
     AuthError,
     NotFoundError,
@@ -224,49 +224,7 @@ class Response:
             raise TransportError(f"{self.url}: answered {self.status} with invalid JSON") from exc
 
 
-def _refs(bufs: list[NDArray[np.uint8]], i: int) -> int:
-    return sys.getrefcount(bufs[i])
-
-
-class _Buffers:
-    """Large body buffers, reused once no array, view or memoryview refers to them.
-
-    Every view of a buffer's memory (``np.frombuffer``, slices, ``torch.from_numpy``)
-    holds a reference to the buffer that owns it, so a reference count at the
-    calibrated minimum proves nobody can see the bytes any more. Fresh memory would
-    be zeroed and faulted in by the kernel on every batch; recycled memory is not.
-    """
-
-    MIN_BYTES = 1 << 20
-
-    def __init__(self, keep: int) -> None:
-        self._keep = keep
-        self._lock = threading.Lock()
-        self._bufs: list[NDArray[np.uint8]] = []
-        # Whatever the interpreter's counting details, this is "held by the list only".
-        self._idle = _refs([np.empty(1, dtype=np.uint8)], 0)
-
-    def take(self, n: int) -> NDArray[np.uint8]:
-        if n < self.MIN_BYTES:
-            return np.empty(n, dtype=np.uint8)
-        with self._lock:
-            bufs = self._bufs
-            for i in range(len(bufs)):
-                if n <= bufs[i].size <= n + n // 4 and _refs(bufs, i) <= self._idle:
-                    return bufs[i][:n]
-            raw = np.empty(n, dtype=np.uint8)
-            if len(bufs) >= self._keep:
-                # Forget the oldest; if a caller still holds it, it lives on with them.
-                del bufs[0]
-            bufs.append(raw)
-            return raw[:n]
-
-    def clear(self) -> None:
-        with self._lock:
-            self._bufs = []
-
-
-def _read_body(resp: http.client.HTTPResponse, buffers: _Buffers) -> NDArray[np.uint8]:
+def _read_body(resp: http.client.HTTPResponse, buffers: Buffers) -> NDArray[np.uint8]:
     length = resp.length
     if length is None:
         # Chunked or close-delimited: rare for batchd (it always sends Content-Length).
@@ -419,7 +377,7 @@ class Transport:
         self._health = [_Health() for _ in self.endpoints]
         self._turn = 0
         self._pid = os.getpid()
-        self._buffers = _Buffers(keep_buffers)
+        self._buffers = Buffers(keep_buffers)
         self._shm = True  # off for good once this user may not open the server's files
         # Idle sockets close when the transport is dropped, without ResourceWarnings.
         self._finalizer = weakref.finalize(self, _close_pools, self._lock, self._health, self._pid)
