@@ -441,9 +441,10 @@ class Engine:
     ) -> Callable[[int, int], None]:
         ds, pipeline = prep.dataset, prep.pipeline
         specs = ds.fields
-        # Samples are read with pread (Dataset.read_rows/read_row), never through the
-        # memory map: a pack truncated while a batch is gathered must give a StaleError,
-        # not a SIGBUS that kills the server (issue 7; docs/reliability.md has the cost).
+        # Samples are read through the memory map only inside ds.mapped(), while a read
+        # lease stops anyone from truncating the pack; otherwise with pread
+        # (Dataset.read_rows/read_row), so that a pack truncated while a batch is gathered
+        # gives a StaleError, not a SIGBUS that kills the server (issue 7; batchd_server.lease).
         all_raw = all(s.encoding == "raw" for s in specs.values())
         if all_raw and (not pipeline.ops or pipeline.flips_only(specs)):
             seed, epoch = prep.req.seed, prep.req.epoch
@@ -456,25 +457,34 @@ class Engine:
 
             return gather
 
+        raw = [name for name, spec in specs.items() if spec.encoding == "raw"]
+        encoded = [name for name in specs if name not in raw]
+
         def run(a: int, b: int) -> None:
-            # One scratch row per raw field for this chunk of rows: Pipeline.run consumes
-            # each loaded sample before it loads the next, so the buffer can be reused.
-            scratch = {
-                name: np.empty(spec.shape, spec.dtype)
-                for name, spec in specs.items()
-                if spec.encoding == "raw" and spec.shape is not None
-            }
+            with ds.mapped() as direct:
+                row: Callable[[str, int], NDArray[Any]]
+                if direct:  # views of the mapping: no copy at all
+                    maps = {name: ds.array(name) for name in raw}
+                    row = lambda name, i: maps[name][i]  # noqa: E731
+                else:
+                    # One scratch row per raw field: Pipeline.run consumes each loaded
+                    # sample before it loads the next, so the buffer can be reused.
+                    scratch = {
+                        name: np.empty(spec.shape, spec.dtype)
+                        for name, spec in specs.items()
+                        if spec.encoding == "raw" and spec.shape is not None
+                    }
+                    row = lambda name, i: ds.read_row(name, i, scratch[name])  # noqa: E731
 
-            def load(r: int) -> dict[str, NDArray[Any]]:
-                i = int(ids[r])
-                return {
-                    name: ds.read_row(name, i, scratch[name])
-                    if spec.encoding == "raw"
-                    else ds.decode(name, i)
-                    for name, spec in specs.items()
-                }
+                def load(r: int) -> dict[str, NDArray[Any]]:
+                    i = int(ids[r])
+                    sample = {name: row(name, i) for name in raw}
+                    sample.update((name, ds.decode(name, i)) for name in encoded)
+                    return sample
 
-            pipeline.run(load, ids, prep.req.seed, prep.req.epoch, out, range(a, b), fields=specs)
+                pipeline.run(
+                    load, ids, prep.req.seed, prep.req.epoch, out, range(a, b), fields=specs
+                )
 
         return run
 

@@ -34,11 +34,14 @@ in :mod:`batchd_server.header`, writing is :mod:`batchd_server.writer`.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import logging
 import math
 import os
 import re
-from collections.abc import Mapping
+import weakref
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any, cast
 
@@ -46,6 +49,7 @@ import numpy as np
 import xxhash
 from numpy.typing import NDArray
 
+from . import lease
 from .errors import FormatError, StaleError
 from .header import (
     _MAX_BYTES,
@@ -63,6 +67,8 @@ __all__ = [
     "open_dataset",
     "verify",
 ]
+
+log = logging.getLogger("batchd.format")
 
 _TEMP_MARK = re.compile(r"^\..+\.(tmp|old)-[0-9a-f]{8}$")
 
@@ -85,8 +91,11 @@ class Dataset:
         self._files: dict[str, IO[bytes]] = {}
         self._stats: dict[str, tuple[int, int, int]] = {}
         self._maps: dict[str, np.ndarray[Any, Any]] = {}
+        self._lease: lease.Lease | None = None
+        self._no_lease = "not taken"
         try:
             self._open_all()
+            self._take_lease()
         except BaseException:
             self.close()
             raise
@@ -137,6 +146,54 @@ class Dataset:
             s = self._map(sizes, np.dtype("<i4"), (n, 2), load=True)
             if (s <= 0).any():
                 raise FormatError(self.path / sizes, "an image size is zero or negative")
+
+    def _take_lease(self) -> None:
+        mapped = [
+            self._files[f].fileno() for f, a in self._maps.items() if isinstance(a, np.memmap)
+        ]
+        if not mapped:
+            self._no_lease = "nothing is mapped"
+            return
+        got = lease.take(mapped, str(self.path))
+        if isinstance(got, str):
+            self._no_lease = got
+            if lease.enabled():
+                log.info("%s: %s; samples are read with preadv (slower, as safe)", self.path, got)
+            return
+        # A file shrunk after _map checked its size and before the lease would be read
+        # past its end: with the lease held, sizes can no longer change, so check now.
+        for fname, f in self._files.items():
+            if os.fstat(f.fileno()).st_size != self._stats[fname][2]:
+                got.release(f"{fname} changed size while the dataset was opened")
+                break
+        self._lease = got
+        # A replaced dataset is dropped, not closed (batches may still be reading it):
+        # give its lease and file duplicates back when it is collected.
+        weakref.finalize(self, got.release, "the dataset was closed")
+
+    @property
+    def reads(self) -> str:
+        """How samples are read now: ``mapped (read lease)`` or ``preadv (why not mapped)``."""
+        if self._lease is not None and self._lease.held:
+            return "mapped (read lease)"
+        if self._lease is not None:
+            return f"preadv ({self._lease.why})"
+        return f"preadv ({self._no_lease})"
+
+    @contextlib.contextmanager
+    def mapped(self) -> Iterator[bool]:
+        """True if :meth:`array` may be read directly until the block ends.
+
+        That holds while a read lease is held (see batchd_server.lease): no process
+        can then shrink the files, so reading the mapping cannot SIGBUS. Otherwise
+        read with :meth:`read_rows` / :meth:`read_row`. Keep blocks short: a writer
+        waits for them to end.
+        """
+        if self._lease is None:
+            yield False
+            return
+        with self._lease.hold() as ok:
+            yield ok
 
     def _map(
         self, fname: str, dtype: np.dtype[Any], shape: tuple[int, ...], *, load: bool = False
@@ -192,9 +249,9 @@ class Dataset:
     # --- reads that cannot SIGBUS (the server's path) ----------------------------
     # Touching a mapped page past the end of a file truncated since it was mapped is a
     # SIGBUS, which kills the whole server; check() narrows the window but cannot close
-    # it. os.preadv of the same bytes into our own buffer turns a truncation into a
-    # short read, reported as StaleError. The server reads samples only this way;
-    # array() stays for tools and tests that own their files.
+    # it. The server reads the mappings only inside mapped(), while a read lease stops
+    # anyone from shrinking the files. Otherwise it reads with os.preadv into its own
+    # buffers, where a truncation is a short read, reported as StaleError.
 
     def _read_at(self, fname: str, buf: memoryview, offset: int) -> None:
         """Fill ``buf`` from ``fname`` at ``offset``; StaleError on a short read."""
@@ -320,6 +377,8 @@ class Dataset:
 
     def close(self) -> None:
         """Drop the mappings and close the files (arrays handed out stay valid until freed)."""
+        if self._lease is not None:
+            self._lease.release("the dataset was closed")
         self._maps.clear()
         for f in self._files.values():
             f.close()

@@ -125,6 +125,7 @@ class Entry:
             "available": True,
             "count": d.count,
             "fingerprint": d.fingerprint,
+            "reads": d.reads,
         }
 
 
@@ -203,7 +204,13 @@ class Registry:
         except (OSError, ValueError) as exc:
             log.warning("not serving %s: %s", path, exc)
             return Entry(name=path.name, path=path, stamp=stamp, dataset=None, error=str(exc))
-        log.info("serving %s: %d samples, fingerprint %s", path.name, ds.count, ds.fingerprint)
+        log.info(
+            "serving %s: %d samples, fingerprint %s, reads %s",
+            path.name,
+            ds.count,
+            ds.fingerprint,
+            ds.reads,
+        )
         return Entry(name=path.name, path=path, stamp=stamp, dataset=ds, error=None)
 
     # --- lookups --------------------------------------------------------------

@@ -177,6 +177,15 @@ def check_exposure(
     help="Seconds a connection may take to send a request's headers (slowloris guard).",
 )
 @click.option(
+    "--leases/--no-leases",
+    default=True,
+    show_default=True,
+    envvar="BATCHD_LEASES",
+    help="Read packs through their memory maps under a read lease, which keeps other "
+    "processes from truncating them; where no lease is had, or with --no-leases, read "
+    "with preadv (safe, slower; see docs/reliability.md).",
+)
+@click.option(
     "--log-level",
     type=click.Choice(["critical", "error", "warning", "info", "debug"]),
     default="info",
@@ -204,6 +213,7 @@ def serve(
     max_batch_bytes: int,
     max_inflight: int,
     header_timeout: float,
+    leases: bool,
     log_level: str,
     demo_if_empty: Path | None,
 ) -> None:
@@ -231,6 +241,10 @@ def serve(
         max_batch_bytes=max_batch_bytes,
         max_inflight=max_inflight,
     )
+    if leases:
+        from . import lease
+
+        lease.install()  # before any dataset opens: SIGIO's default action kills
     roots = [data]
     registry = Registry(data)
     if demo_if_empty is not None and not registry.datasets():

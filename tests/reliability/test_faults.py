@@ -29,6 +29,7 @@ from numpy.typing import NDArray
 
 from batchd import Client, _transport
 from batchd._wire import decode
+from batchd_server.augment import Pipeline
 from batchd_server.engine import BatchRequest
 from batchd_server.format import open_dataset
 from batchd_server.shuffle import EpochPlan, permutation
@@ -37,6 +38,7 @@ from serverproc import ServerProcess, tiny_pack
 pytestmark = pytest.mark.reliability
 
 WIDE_N, WIDE_HW = 48, 256  # one 9.4 MB batch: more than loopback socket buffers hold
+_CROP = '[{"op":"random_crop","size":40},{"op":"hflip"}]'  # read through the mapping
 
 
 def _kill_now(srv: ServerProcess) -> None:
@@ -420,6 +422,7 @@ def _load(
     outcomes: Counter[str],
     steady: Counter[str],
     errors: list[BaseException],
+    augment: str | None = None,
 ) -> list[threading.Thread]:
     """Two threads hammering ``dataset`` and one reading the untouched "steady" dataset,
     which must answer 200 throughout (the other datasets keep serving)."""
@@ -428,13 +431,17 @@ def _load(
         assert r.status_code == 200, r.text
         return "200"
 
-    def params(bs: int) -> Callable[[int], dict[str, Any]]:
-        return lambda i: {"batch_size": bs, "seed": i}
+    def params(bs: int, aug: str | None) -> Callable[[int], dict[str, Any]]:
+        extra = {} if aug is None else {"augment": aug}
+        return lambda i: {"batch_size": bs, "seed": i, **extra}
 
-    jobs = [(dataset, batch_size, check, outcomes)] * 2 + [("steady", 8, check_steady, steady)]
+    jobs = [(dataset, batch_size, augment, check, outcomes)] * 2
+    jobs.append(("steady", 8, None, check_steady, steady))
     return [
-        threading.Thread(target=_hammer, args=(srv, stop, params(bs), name, ok, counts, errors))
-        for name, bs, ok, counts in jobs
+        threading.Thread(
+            target=_hammer, args=(srv, stop, params(bs, aug), name, ok, counts, errors)
+        )
+        for name, bs, aug, ok, counts in jobs
     ]
 
 
@@ -499,14 +506,22 @@ def test_pack_replaced_while_served(tmp_path: Path, figures: Figures) -> None:
     )
 
 
-def test_pack_truncated_while_served(tmp_path: Path, figures: Figures) -> None:
-    """A data file truncated in place under load: typed errors or a clean re-open, never SIGBUS."""
+@pytest.mark.parametrize("augment", [None, _CROP], ids=["gather", "crop"])
+def test_pack_truncated_while_served(tmp_path: Path, figures: Figures, augment: str | None) -> None:
+    """A data file truncated in place under load: typed errors or a clean re-open, never SIGBUS.
+
+    The crop pipeline reads through the memory map under a read lease (batchd_server.lease):
+    each truncation first makes the server give the lease up. The plain gather reads with
+    preadv either way.
+    """
     data = tmp_path / "data"
     data.mkdir()
     n, hw = 3000, 48  # 20 MB: a 512-sample gather takes long enough to be hit mid-read
     tiny_pack(data / "big", n=n, hw=hw)
     tiny_pack(data / "steady", n=40)
     images = tiny_images(n, hw, 0)
+    with open_dataset(data / "big") as ds:
+        fields = ds.fields
     raw = data / "big" / "image.raw"
     content = raw.read_bytes()
     cut = len(content) // 3
@@ -518,11 +533,26 @@ def test_pack_truncated_while_served(tmp_path: Path, figures: Figures) -> None:
         if r.status_code != 200:
             return _typed(r, {(409, "dataset_changed"), (404, "dataset_unavailable")})
         b = decode(np.frombuffer(r.content, np.uint8))
-        np.testing.assert_array_equal(b.fields["image"], images[b.index])
+        want = images[b.index]
+        if augment is not None:  # the same pipeline run in-process over the intact images
+            out = {name: np.empty_like(a) for name, a in b.fields.items()}
+            seed = int(r.request.url.params["seed"])
+            Pipeline.parse(augment).run(
+                lambda k: {"image": images[b.index[k]], "label": b.index[k]},
+                b.index,
+                seed,
+                0,
+                out,
+                range(len(b.index)),
+                fields=fields,
+            )
+            want = out["image"]
+        np.testing.assert_array_equal(b.fields["image"], want)
+        np.testing.assert_array_equal(b.fields["label"], b.index)
         return "200"
 
     srv = ServerProcess(data, args=["--cache-bytes", "0", "--readahead", "0"]).start()
-    threads = _load(srv, stop, "big", 512, check_big, big, steady, errors)
+    threads = _load(srv, stop, "big", 512, check_big, big, steady, errors, augment)
     truncations = 0
     try:
         for t in threads:
@@ -547,7 +577,7 @@ def test_pack_truncated_while_served(tmp_path: Path, figures: Figures) -> None:
     assert not errors, errors
     assert big["200"] > 0 and steady["200"] > 0
     figures.record(
-        "pack_truncated",
+        "pack_truncated" if augment is None else "pack_truncated_mapped",
         truncations=truncations,
         outcomes=dict(big),
         other_dataset_ok=steady["200"],
