@@ -22,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -232,8 +232,10 @@ def _healthy(url: str, timeout: float) -> bool:
 
 
 @contextlib.contextmanager
-def serve(data_dir: Path, *, uds: bool = False, startup_s: float = 60.0) -> Iterator[Server]:
-    """Run ``batchd serve --data DIR`` on a free loopback port (or a unix socket) for a block."""
+def serve(
+    data_dir: Path, *, uds: bool = False, args: Sequence[str] = (), startup_s: float = 60.0
+) -> Iterator[Server]:
+    """Run ``batchd serve --data DIR ARGS`` on a free loopback port (or a unix socket) for a block."""
     with contextlib.ExitStack() as stack:
         if uds:
             sock_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="batchd-")))
@@ -246,7 +248,7 @@ def serve(data_dir: Path, *, uds: bool = False, startup_s: float = 60.0) -> Iter
             url = f"http://127.0.0.1:{port}"
         log = stack.enter_context(tempfile.TemporaryFile(prefix="batchd-serve-"))
         proc = subprocess.Popen(
-            [*_batchd_command(), "serve", "--data", str(data_dir), *where],
+            [*_batchd_command(), "serve", "--data", str(data_dir), *where, *args],
             stdout=log,
             stderr=subprocess.STDOUT,
         )

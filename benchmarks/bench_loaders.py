@@ -6,6 +6,8 @@ and int64 labels, in a fresh random order each epoch. Nothing trains: the number
 how fast a loader can feed a trainer, in images per second.
 
     1 batchd_tcp / batchd_uds   batchd.Client.iterate over the raw pack (TCP, unix socket)
+      batchd_preadv             the same over TCP with --no-leases: the server reads with
+                                preadv, as it must where it cannot take read leases
     2 dataloader_files          torch DataLoader, 2 workers, cv2.imread per sample
     3 dataloader_memmap         torch DataLoader, 2 workers, np.memmap opened per worker
     4 keras_files               keras.utils.PyDataset reading the files per batch
@@ -59,6 +61,7 @@ WORKLOADS: tuple[Workload, ...] = (
 CONTENDERS: dict[str, tuple[int, str]] = {
     "batchd_tcp": (1, "batchd, TCP"),
     "batchd_uds": (1, "batchd, unix socket"),
+    "batchd_preadv": (1, "batchd, TCP, --no-leases (preadv)"),
     "dataloader_files": (2, "DataLoader x2, cv2.imread per file"),
     "dataloader_memmap": (3, "DataLoader x2, np.memmap"),
     "keras_files": (4, "keras PyDataset, files per batch"),
@@ -232,11 +235,14 @@ def run(
             return sum(len(seq[k][1]) for k in range(len(seq)))
 
         yield measure(run_pass=keras_pass, notes="workers=1, in the trainer process", **common)
-    elif contender in ("batchd_tcp", "batchd_uds"):
+    elif contender in ("batchd_tcp", "batchd_uds", "batchd_preadv"):
         ensure_packs(images)
-        with serve(images.data_dir, uds=contender == "batchd_uds") as server:
+        preadv = contender == "batchd_preadv"
+        args = ["--no-leases"] if preadv else []
+        with serve(images.data_dir, uds=contender == "batchd_uds", args=args) as server:
             run_pass = _batchd_pass(server.url, images.name, workload, cfg)
-            yield measure(run_pass=run_pass, notes="raw pack", **common)
+            note = "raw pack, read with preadv (the fallback)" if preadv else "raw pack"
+            yield measure(run_pass=run_pass, notes=note, **common)
     elif contender == "batchd_encoded":
         if workload.size < 128:
             return  # the JPEG pack is the 256 set's; the 64 set is PNG
