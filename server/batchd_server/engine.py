@@ -11,9 +11,9 @@ event loop except the CPU work, which goes to a :class:`~batchd_server.pool.Prio
   chunk at a time, so it only ever takes idle threads; if a client asks for a batch
   that is being read ahead, the rest of it is promoted to priority 0.
 
-The gather writes straight into the response body laid out by ``batchd._wire.layout``:
-``np.take(memmap, ids, out=view)`` for raw fields with an empty pipeline, the
-augmentation pipeline otherwise. The body is then sent without another copy.
+Chunks of rows are filled (:mod:`batchd_server.fill`) straight into the response body
+laid out by ``batchd._wire.layout`` in a recycled buffer, and the body is then sent
+without another copy.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from batchd._wire import Layout, layout
 from .augment import Pipeline
 from .cache import LRU, ByteLRU
 from .errors import ConfigError, FormatError, PipelineError, StaleError
+from .fill import filler
 from .format import Dataset
 from .metrics import Metrics
 from .pool import PriorityPool
@@ -404,7 +405,7 @@ class Engine:
         except FormatError as exc:
             self.registry.invalidate(req.dataset)
             raise _Stale(str(exc)) from None
-        fill = self._filler(prep, ids, lay.fields)
+        fill = filler(ds, prep.pipeline, ids, req.seed, req.epoch, lay.fields)
         pending = _chunks(len(ids), self.config.threads)
         try:
             while pending:
@@ -435,58 +436,6 @@ class Engine:
             )
             return sealed
         return lay.body
-
-    def _filler(
-        self, prep: _Prepared, ids: NDArray[np.int64], out: dict[str, NDArray[Any]]
-    ) -> Callable[[int, int], None]:
-        ds, pipeline = prep.dataset, prep.pipeline
-        specs = ds.fields
-        # Samples are read through the memory map only inside ds.mapped(), while a read
-        # lease stops anyone from truncating the pack; otherwise with pread
-        # (Dataset.read_rows/read_row), so that a pack truncated while a batch is gathered
-        # gives a StaleError, not a SIGBUS that kills the server (issue 7; batchd_server.lease).
-        all_raw = all(s.encoding == "raw" for s in specs.values())
-        if all_raw and (not pipeline.ops or pipeline.flips_only(specs)):
-            seed, epoch = prep.req.seed, prep.req.epoch
-
-            def gather(a: int, b: int) -> None:
-                for name, view in out.items():
-                    ds.read_rows(name, ids[a:b], view[a:b])
-                if pipeline.ops:  # flips only: mirror the stored rows where they now lie
-                    pipeline.flip_in_place(ids, seed, epoch, out, range(a, b), fields=specs)
-
-            return gather
-
-        raw = [name for name, spec in specs.items() if spec.encoding == "raw"]
-        encoded = [name for name in specs if name not in raw]
-
-        def run(a: int, b: int) -> None:
-            with ds.mapped() as direct:
-                row: Callable[[str, int], NDArray[Any]]
-                if direct:  # views of the mapping: no copy at all
-                    maps = {name: ds.array(name) for name in raw}
-                    row = lambda name, i: maps[name][i]  # noqa: E731
-                else:
-                    # One scratch row per raw field: Pipeline.run consumes each loaded
-                    # sample before it loads the next, so the buffer can be reused.
-                    scratch = {
-                        name: np.empty(spec.shape, spec.dtype)
-                        for name, spec in specs.items()
-                        if spec.encoding == "raw" and spec.shape is not None
-                    }
-                    row = lambda name, i: ds.read_row(name, i, scratch[name])  # noqa: E731
-
-                def load(r: int) -> dict[str, NDArray[Any]]:
-                    i = int(ids[r])
-                    sample = {name: row(name, i) for name in raw}
-                    sample.update((name, ds.decode(name, i)) for name in encoded)
-                    return sample
-
-                pipeline.run(
-                    load, ids, prep.req.seed, prep.req.epoch, out, range(a, b), fields=specs
-                )
-
-        return run
 
     def _read_ahead(self, prep: _Prepared) -> None:
         limit = max(1, self.config.readahead) * max(1, self.config.threads)

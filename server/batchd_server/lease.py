@@ -3,7 +3,7 @@
 Touching a mapped page past the end of a file truncated since it was mapped is a
 SIGBUS, which kills the whole server. So without a lease the server reads samples
 with ``preadv`` into its own buffers (a truncation is then a short read); that copy
-costs about a third of the crop pipeline's speed.
+cost the crop pipeline 30% of its speed (docs/reliability.md).
 
 A read lease (``fcntl(fd, F_SETLEASE, F_RDLCK)``) closes the gap. A process that opens
 a leased file for writing, or truncates it, blocks in the kernel while we are sent
@@ -17,9 +17,9 @@ A lease is not always to be had, and then the Dataset reads with ``preadv`` as b
   default action kills the process, so nothing takes a lease unless it was called;
 * the file must be owned by the server's user (or the server have ``CAP_LEASE``),
   open by no writer, on a filesystem with leases (not NFS), with ``fs.leases-enable``;
-* if the server cannot answer a break within ``fs.lease-break-time`` (45 s; the
-  main thread must run Python for the handler to run), the kernel revokes the lease
-  and the writer goes on regardless.
+* a break is answered by a daemon thread, woken by SIGIO and every second; were it
+  starved for ``fs.lease-break-time`` (45 s), the kernel would revoke the lease and
+  let the writer go on while we still read the mapping.
 """
 
 from __future__ import annotations
