@@ -183,11 +183,10 @@ def render(fig: dict[str, Any]) -> str:
         f"| pack replaced (atomic repack) {rp.get('replacements', '-')} times under load | "
         f"{_answers(rp.get('outcomes', {}))} (`200 0`/`200 1`: old/new pack); "
         f"{rp.get('mixed_bodies', '-')} mixed bodies; other dataset {rp.get('other_dataset_ok', '-')} x 200 |",
-        f"| data file truncated in place {tr.get('truncations', '-')} times under load (gather: preadv) | "
+        f"| data file truncated in place {tr.get('truncations', '-')} times under load, plain gather | "
         f"{_answers(tr.get('outcomes', {}))}; **{tr.get('server_deaths', '-')} server deaths (no SIGBUS)**; "
         f"other dataset {tr.get('other_dataset_ok', '-')} x 200 |",
-        f"| the same, {tm.get('truncations', '-')} times, crop pipeline reading the memory map under a "
-        f"read lease | {_answers(tm.get('outcomes', {}))}; every 200 equal to the pipeline run on the "
+        f"| the same, {tm.get('truncations', '-')} times, crop 40 + flip pipeline | {_answers(tm.get('outcomes', {}))}; every 200 equal to the pipeline run on the "
         f"intact images; **{tm.get('server_deaths', '-')} server deaths** |",
         "",
         "## Bad input",

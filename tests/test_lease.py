@@ -162,13 +162,17 @@ def test_mapped_and_preadv_servers_send_the_same_bytes(tmp_path: Path) -> None:
     data = tmp_path / "data"
     data.mkdir()
     tiny_pack(data / "ds", n=300, hw=48)
-    params = {"batch_size": 64, "seed": 3, "augment": AUG}
+    pipelines = [AUG, '[{"op":"hflip"}]', "[]"]  # the crop path, and the gather path
     bodies, reads = {}, {}
     for mode, args in (("mapped", []), ("preadv", ["--no-leases"])):
         with ServerProcess(data, args=args) as srv, srv.client() as c:
             reads[mode] = c.get("/v1/datasets").json()["datasets"][0]["reads"]
             bodies[mode] = [
-                c.get(f"/v1/datasets/ds/batches/{k}", params={**params, "epoch": e}).content
+                c.get(
+                    f"/v1/datasets/ds/batches/{k}",
+                    params={"batch_size": 64, "seed": 3, "epoch": e, "augment": aug},
+                ).content
+                for aug in pipelines
                 for e in (0, 1)
                 for k in range(5)
             ]

@@ -3,12 +3,16 @@
 :func:`filler` returns ``fill(a, b)``, which writes rows ``a..b`` of a batch into the
 body's field views; chunks are independent, so a batch is split over threads freely.
 
-* Raw fields with no ops, or flips only: each field's rows are read with ``preadv`` in
-  runs of consecutive ids straight into the body, then flipped in place.
+While the dataset holds a read lease (``Dataset.mapped``: no one can then truncate the
+pack, so reading the mapping cannot SIGBUS) raw fields are read from the memory map;
+otherwise with ``preadv``.
+
+* Raw fields with no ops, or flips only: each field's rows are gathered straight into
+  the body (``np.take`` from the mapping, or ``preadv`` in runs of consecutive ids),
+  then flipped in place.
 * Any other pipeline: each sample is loaded and augmented into its row. Raw fields are
-  views of the memory map while the dataset holds a read lease (``Dataset.mapped``: no
-  one can then truncate the pack, so the views cannot SIGBUS), else a ``preadv`` copy
-  into a scratch row; encoded fields are decoded.
+  views of the mapping, or a ``preadv`` copy into a scratch row; encoded fields are
+  decoded.
 """
 
 from __future__ import annotations
@@ -39,8 +43,12 @@ def filler(
     if all_raw and (not pipeline.ops or pipeline.flips_only(specs)):
 
         def gather(a: int, b: int) -> None:
-            for name, view in out.items():
-                ds.read_rows(name, ids[a:b], view[a:b])
+            with ds.mapped() as direct:
+                for name, view in out.items():
+                    if direct:  # mode="clip" writes into out without a buffered copy
+                        np.take(ds.array(name), ids[a:b], axis=0, out=view[a:b], mode="clip")
+                    else:
+                        ds.read_rows(name, ids[a:b], view[a:b])
             if pipeline.ops:  # flips only: mirror the stored rows where they now lie
                 pipeline.flip_in_place(ids, seed, epoch, out, range(a, b), fields=specs)
 

@@ -510,9 +510,9 @@ def test_pack_replaced_while_served(tmp_path: Path, figures: Figures) -> None:
 def test_pack_truncated_while_served(tmp_path: Path, figures: Figures, augment: str | None) -> None:
     """A data file truncated in place under load: typed errors or a clean re-open, never SIGBUS.
 
-    The crop pipeline reads through the memory map under a read lease (batchd_server.lease):
-    each truncation first makes the server give the lease up. The plain gather reads with
-    preadv either way.
+    Both paths read through the memory map under a read lease (batchd_server.lease), so
+    each truncation first makes the server give the lease up and read with preadv until
+    the pack is re-opened.
     """
     data = tmp_path / "data"
     data.mkdir()
