@@ -218,3 +218,32 @@ def test_render_redraws_markdown_and_plots_from_a_saved_json(tmp_path: Path) -> 
     assert (tmp_path / "loaders.png").exists() and not (tmp_path / "sharing.png").exists()
     redone = json.loads((tmp_path / "2024-01-02T030405+0000.json").read_text())
     assert redone["ratios"]["crop224_flip: batchd / DataLoader memmap"] == pytest.approx(1.5)
+
+
+def test_resnet18_has_torchvisions_parameter_count() -> None:
+    from benchmarks.bench_e2e import resnet18
+
+    model = resnet18(1000)
+    # torchvision.models.resnet18(): 11,689,512 parameters (its model card).
+    assert sum(p.numel() for p in model.parameters()) == 11_689_512
+
+
+def test_e2e_trains_from_every_feeder_on_the_cpu(tmp_path: Path) -> None:
+    from benchmarks import bench_e2e
+
+    args = bench_e2e.parse_args(
+        [
+            *("--device", "cpu", "--count", "24", "--size", "40", "--crop", "32"),
+            *("--batch-size", "8", "--steps", "2", "--warmup", "1", "--repeats", "2"),
+            *("--workers", "1", "--work-dir", str(tmp_path / "work")),
+        ]
+    )
+    record = bench_e2e.run(args)
+    assert record["errors"] == []
+    assert list(record["feeders"]) == list(bench_e2e.FEEDERS)
+    for res in record["feeders"].values():
+        _check_stat(res["steps_per_s"], 2)
+        assert np.isfinite(res["last_loss"])
+        assert res["busy_share"] is None  # not a meaningful figure on the CPU
+    with pytest.raises(SystemExit):
+        bench_e2e.parse_args(["--feeders", "synthetic,nope"])
