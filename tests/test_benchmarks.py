@@ -137,7 +137,7 @@ def test_a_tiny_run_writes_json_markdown_and_plots(tmp_path: Path) -> None:
     names = {t["name"] for t in saved["targets"]}
     assert any("DataLoader memmap" in n for n in names)
     assert all(t["met"] in (True, False, None) for t in saved["targets"])
-    ratio = saved["ratios"]["crop224_flip: batchd / DataLoader memmap"]
+    ratio = saved["ratios"]["crop224_flip: batchd TCP / DataLoader memmap"]
     rates = {
         r["contender"]: r["images_per_s"]["median"]
         for r in saved["loaders"]
@@ -178,7 +178,7 @@ def test_markdown_folds_in_the_other_benchmarks_and_names_failures() -> None:
     assert by_name["client receive vs raw socket"]["value"] == pytest.approx(0.9)
     assert by_name["client receive vs raw socket"]["met"] is True
     assert by_name["pack 64x64 PNG -> raw (images/s)"]["met"] is True
-    assert by_name["batchd one trainer vs DataLoader memmap (crop224)"]["met"] is None
+    assert by_name["batchd one trainer, TCP, vs DataLoader memmap (crop224)"]["met"] is None
     report["ratios"], report["targets"] = ratios, targets
     md = _report.markdown(report)
     assert "## Packing (contender 7)" in md and "| batchd_images_per_s | 6,000.000 |" in md
@@ -217,7 +217,7 @@ def test_render_redraws_markdown_and_plots_from_a_saved_json(tmp_path: Path) -> 
     assert "| batchd_tcp | 300 (300-300) | 1.50x | n/a |" in md
     assert (tmp_path / "loaders.png").exists() and not (tmp_path / "sharing.png").exists()
     redone = json.loads((tmp_path / "2024-01-02T030405+0000.json").read_text())
-    assert redone["ratios"]["crop224_flip: batchd / DataLoader memmap"] == pytest.approx(1.5)
+    assert redone["ratios"]["crop224_flip: batchd TCP / DataLoader memmap"] == pytest.approx(1.5)
 
 
 def test_resnet18_has_torchvisions_parameter_count() -> None:
