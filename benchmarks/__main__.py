@@ -1,5 +1,8 @@
 """``python -m benchmarks [--quick] [--only NAME,...] [--json]``: every contender, one run.
 
+``--render JSON`` redraws the Markdown and plots of a saved run; ``--across JSON...``
+summarises several runs (each target per run, its median, how many runs met it).
+
 Generates the data (cached under ``benchmarks/_work/``), runs the loaders (contenders
 1-5), the sharing benchmark (6), and the packing (7) and receive-path (8) benchmarks
 as subprocesses, then writes ``benchmarks/results/<date>.json``, ``latest.md`` and
@@ -177,7 +180,18 @@ def main(argv: list[str] | None = None) -> int:
         type=Path,
         help="measure nothing: redraw latest.md and the plots from a results JSON",
     )
+    parser.add_argument(
+        "--across",
+        metavar="JSON",
+        type=Path,
+        nargs="+",
+        help="measure nothing: print each target in every given run, its median and how "
+        "many runs met it",
+    )
     args = parser.parse_args(argv)
+    if args.across:
+        print(_report.across([json.loads(p.read_text()) for p in args.across]), end="")
+        return 0
     if args.render is not None:
         old = json.loads(args.render.read_text())
         paths = _report.write(old, args.render.parent)

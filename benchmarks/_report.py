@@ -21,10 +21,11 @@ so :func:`write` can redraw them from an old JSON file too::
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 from typing import Any
 
-__all__ = ["SCHEMA", "markdown", "plot", "ratios_and_targets", "write"]
+__all__ = ["SCHEMA", "across", "markdown", "plot", "ratios_and_targets", "write"]
 
 SCHEMA = 1
 GiB = 1 << 30
@@ -174,6 +175,54 @@ def _flatten(obj: Any, prefix: str = "") -> list[tuple[str, Any]]:
     return [(prefix, obj)]
 
 
+def _fmt_target(v: float | None) -> str:
+    return "n/a" if v is None else (f"{v / GiB:.2f} GiB" if v > 1e6 else f"{v:.2f}")
+
+
+def across(reports: list[dict[str, Any]]) -> str:
+    """Markdown: each target and one-trainer rate in every run, the median, runs that met it.
+
+    Ratios are recomputed from each run's own medians (never mixed between runs), so
+    old JSON files can be summarised too.
+    """
+    runs = sorted(reports, key=lambda r: str(r.get("date", "")))
+    cols = " | ".join(f"run {i}" for i in range(1, len(runs) + 1))
+    lines = ["# batchd benchmarks across runs", ""]
+    for i, r in enumerate(runs, 1):
+        load = ((r.get("environment") or {}).get("load_avg_at_start") or [None])[0]
+        at_start = "?" if load is None else f"{load:.2f}"
+        lines.append(f"- run {i}: {r.get('date')} ({r.get('mode')}), load average {at_start}")
+    lines += ["", f"| target | goal | {cols} | median | met in |", "| --- | --- |"]
+    lines[-1] += " ---: |" * (len(runs) + 1) + " ---: |"
+    per_run = [ratios_and_targets(r)[1] for r in runs]
+    for j, t in enumerate(per_run[0]):
+        got = [ts[j] for ts in per_run]
+        values = [g["value"] for g in got if g["value"] is not None]
+        median = statistics.median(values) if values else None
+        met = sum(g["met"] is True for g in got)
+        shown = " | ".join(_fmt_target(g["value"]) for g in got)
+        lines.append(
+            f"| {t['name']} | {t['target']} | {shown} | {_fmt_target(median)} | "
+            f"{met} of {len(runs)} |"
+        )
+    lines += ["", f"| one trainer, images/s | {cols} |", "| --- |" + " ---: |" * len(runs)]
+    keys = sorted({(row["workload"], row["label"]) for r in runs for row in r.get("loaders", [])})
+    for workload, label in keys:
+        rates = []
+        for r in runs:
+            row = next(
+                (
+                    x
+                    for x in r.get("loaders", [])
+                    if (x["workload"], x["label"]) == (workload, label)
+                ),
+                None,
+            )
+            rates.append("n/a" if row is None else f"{_median(row, 'images_per_s'):,.0f}")
+        lines.append(f"| {workload}: {label} | {' | '.join(rates)} |")
+    return "\n".join(lines) + "\n"
+
+
 def markdown(report: dict[str, Any]) -> str:
     env = report["environment"]
     versions = ", ".join(f"{k} {v}" for k, v in env.get("versions", {}).items() if v)
@@ -250,10 +299,8 @@ def markdown(report: dict[str, Any]) -> str:
     lines += ["", "## Targets (ratios within this run)", "", "| target | value | goal | met |"]
     lines.append("| --- | ---: | --- | --- |")
     for t in report.get("targets", []):
-        v = t["value"]
-        shown = "n/a" if v is None else (f"{v / GiB:.2f} GiB" if v > 1e6 else f"{v:.2f}")
         met = {True: "yes", False: "**no**", None: "not measured"}[t["met"]]
-        lines.append(f"| {t['name']} | {shown} | {t['target']} | {met} |")
+        lines.append(f"| {t['name']} | {_fmt_target(t['value'])} | {t['target']} | {met} |")
     if report.get("errors"):
         lines += ["", "## Not measured", ""]
         lines += [f"- {e['what']}: {e['error']}" for e in report["errors"]]

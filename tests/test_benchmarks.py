@@ -247,3 +247,41 @@ def test_e2e_trains_from_every_feeder_on_the_cpu(tmp_path: Path) -> None:
         assert res["busy_share"] is None  # not a meaningful figure on the CPU
     with pytest.raises(SystemExit):
         bench_e2e.parse_args(["--feeders", "synthetic,nope"])
+
+
+def test_across_gives_every_run_the_median_and_how_many_runs_met_each_target(
+    tmp_path: Path,
+) -> None:
+    def run(date: str, tcp: float, memmap: float) -> dict[str, Any]:
+        rows = (("batchd_tcp", tcp), ("dataloader_memmap", memmap))
+        return {
+            "date": date,
+            "mode": "full",
+            "environment": {"load_avg_at_start": [0.5]},
+            "loaders": [
+                {
+                    "contender": c,
+                    "workload": "crop224_flip",
+                    "label": c,
+                    "images_per_s": {"median": v, "min": v, "max": v, "values": [v]},
+                }
+                for c, v in rows
+            ],
+        }
+
+    # Given out of date order: the summary sorts the runs by date.
+    reports = [run("2024-01-03", 90, 100), run("2024-01-01", 120, 100), run("2024-01-02", 110, 100)]
+    paths = []
+    for i, r in enumerate(reports):
+        paths.append(tmp_path / f"{i}.json")
+        paths[-1].write_text(json.dumps(r))
+    assert bench_main.main(["--across", *map(str, paths)]) == 0
+    md = _report.across(reports)
+    row = next(
+        x
+        for x in md.splitlines()
+        if x.startswith("| batchd one trainer, TCP, vs DataLoader memmap")
+    )
+    assert row.endswith("| >= 1x | 1.20 | 1.10 | 0.90 | 1.10 | 2 of 3 |")
+    assert "| crop224_flip: batchd_tcp | 120 | 110 | 90 |" in md
+    assert "- run 1: 2024-01-01 (full), load average 0.50" in md
