@@ -206,20 +206,15 @@ def across(reports: list[dict[str, Any]]) -> str:
             f"{met} of {len(runs)} |"
         )
     lines += ["", f"| one trainer, images/s | {cols} |", "| --- |" + " ---: |" * len(runs)]
-    keys = sorted({(row["workload"], row["label"]) for r in runs for row in r.get("loaders", [])})
-    for workload, label in keys:
-        rates = []
-        for r in runs:
-            row = next(
-                (
-                    x
-                    for x in r.get("loaders", [])
-                    if (x["workload"], x["label"]) == (workload, label)
-                ),
-                None,
-            )
-            rates.append("n/a" if row is None else f"{_median(row, 'images_per_s'):,.0f}")
-        lines.append(f"| {workload}: {label} | {' | '.join(rates)} |")
+    labels = {
+        (row["workload"], row["contender"]): row["label"]
+        for r in runs
+        for row in r.get("loaders", [])
+    }
+    for (workload, contender), label in sorted(labels.items()):
+        rates = [_median(_loader(r, contender, workload), "images_per_s") for r in runs]
+        shown = " | ".join("n/a" if v is None else f"{v:,.0f}" for v in rates)
+        lines.append(f"| {workload}: {label} | {shown} |")
     return "\n".join(lines) + "\n"
 
 

@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from ._data import CLASSES, ImageSet, ensure_packs, image_set
-from ._harness import BenchConfig, environment, page_cache_bytes, serve, stat
+from ._harness import environment, page_cache_bytes, serve, stat
 
 __all__ = ["FEEDERS", "main", "parse_args", "resnet18", "run"]
 
@@ -85,14 +85,12 @@ def _batchd_batches(url: str, name: str, batch_size: int, crop: int) -> Iterator
     import batchd
 
     augment = [{"op": "random_crop", "size": [crop, crop]}, {"op": "hflip", "p": 0.5}]
-    client = batchd.Client(
+    with batchd.Client(
         url, name, batch_size=batch_size, seed=0, drop_last=True, augment=augment
-    )
-    epoch = 0
-    while True:
-        for batch in client.iterate(epoch):
-            yield torch.from_numpy(batch["image"]), torch.from_numpy(batch["label"])
-        epoch += 1
+    ) as client:
+        for epoch in itertools.count():
+            for batch in client.iterate(epoch):
+                yield torch.from_numpy(batch["image"]), torch.from_numpy(batch["label"])
 
 
 def _dataloader_batches(images: ImageSet, batch_size: int, crop: int, workers: int) -> Any:
@@ -176,9 +174,10 @@ def _time_feeder(
         sync()
         rates.append(args.steps / (time.perf_counter() - t0))
         loss = float(out.detach().float().cpu())
+    steps_per_s = stat(rates)
     return {
-        "steps_per_s": stat(rates).as_dict(),
-        "images_per_s_median": stat(rates).median * args.batch_size,
+        "steps_per_s": steps_per_s.as_dict(),
+        "images_per_s_median": steps_per_s.median * args.batch_size,
         "warmup_s": warmup_s,
         "last_loss": loss,
     }
@@ -190,8 +189,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(args.device)
-    cfg = BenchConfig(mode="e2e", n256=args.count, n64=1, work_dir=args.work_dir)
-    images = image_set(cfg.work_dir, size=args.size, count=args.count)
+    images = image_set(args.work_dir, size=args.size, count=args.count)
     ensure_packs(images)
     record: dict[str, Any] = {
         "benchmark": "bench_e2e",
@@ -241,7 +239,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # says nothing about a device kept busy: it is reported only for an accelerator.
     ceiling = record["feeders"].get("synthetic", {}).get("steps_per_s", {}).get("median")
     for res in record["feeders"].values():
-        busy = ceiling and device.type != "cpu"
+        busy = bool(ceiling) and device.type != "cpu"
         res["busy_share"] = res["steps_per_s"]["median"] / ceiling if busy else None
     resident, total = page_cache_bytes([images.pack_dir])
     record["page_cache_after"] = {"pack_resident_bytes": resident, "pack_bytes": total}
