@@ -48,13 +48,15 @@ N = 40
 
 @pytest.fixture
 def arena() -> Iterator[ShmArena]:
-    a = ShmArena()
+    a = ShmArena(min_bytes=0)  # the unit tests seal bodies of a few bytes
     yield a
     a.close()
 
 
-def _files(a: ShmArena) -> list[str]:
-    return sorted(os.listdir(a.dir))
+def _files(a: ShmArena | Path) -> list[str]:
+    """The body files (``b-<n>``; the directory also holds its ``.alive`` lock)."""
+    d = a.dir if isinstance(a, ShmArena) else a
+    return sorted(f for f in os.listdir(d) if f.startswith("b-"))
 
 
 # --- the arena ---------------------------------------------------------------------------
@@ -264,17 +266,22 @@ def _mapped(a: NDArray[Any]) -> bool:
     return isinstance(base, memoryview) and isinstance(base.obj, mmap.mmap)
 
 
+#: The test bodies are a few KB: take them into shared memory despite the 1 MiB floor.
+SHM = ["--shm-min-bytes", "0"]
 QUERY = {"batch_size": "16", "seed": "5", "epoch": "3", "augment": json.dumps(AUGMENT)}
 
 
-def test_shm_epoch_is_exactly_once_and_identical_to_tcp(data: Path, sock: Path) -> None:
-    with ServerProcess(data, uds=sock) as srv, ServerProcess(data) as tcp:
+def test_shm_epoch_is_exactly_once_and_identical_to_the_bytes(data: Path, sock: Path) -> None:
+    with (
+        ServerProcess(data, uds=sock, args=SHM) as srv,
+        ServerProcess(data, args=["--no-shm"]) as tcp,
+    ):
         assert srv.proc is not None
         with srv.client() as http, tcp.client() as tcp_http:
             url = "/v1/datasets/tiny/batches/1"
             shm = http.get(url, params=QUERY, headers={"X-Batchd-Shm": "1"})
             plain = http.get(url, params=QUERY)
-            over_tcp = tcp_http.get(url, params=QUERY, headers={"X-Batchd-Shm": "1"})
+            no_shm = tcp_http.get(url, params=QUERY, headers={"X-Batchd-Shm": "1"})
         assert shm.status_code == 200
         assert shm.headers["content-type"] == transport.SHM_MEDIA
         ref = shm.json()
@@ -282,9 +289,9 @@ def test_shm_epoch_is_exactly_once_and_identical_to_tcp(data: Path, sock: Path) 
         assert Path(ref["path"]).parent in _dirs(srv.proc.pid)
         assert ref["fingerprint"] == shm.headers["x-batchd-fingerprint"]
         assert plain.headers["content-type"] == "application/msgpack"
-        assert over_tcp.headers["content-type"] == "application/msgpack"  # TCP: never shm
+        assert no_shm.headers["content-type"] == "application/msgpack"  # --no-shm: the bytes
         # Byte for byte: the file the path names is the msgpack body, and the TCP one.
-        assert Path(ref["path"]).read_bytes() == plain.content == over_tcp.content
+        assert Path(ref["path"]).read_bytes() == plain.content == no_shm.content
         assert ref["length"] == len(plain.content)
 
         with batchd.Client(f"unix://{sock}", "tiny", batch_size=16, seed=5, augment=AUGMENT) as c:
@@ -297,11 +304,81 @@ def test_shm_epoch_is_exactly_once_and_identical_to_tcp(data: Path, sock: Path) 
         over_shm, over_http = _epoch(f"unix://{sock}"), _epoch(tcp.url)
     ids = np.concatenate([b["index"] for b in over_shm])
     assert sorted(ids.tolist()) == list(range(N))  # exactly once
-    assert len(over_shm) == len(over_http)
-    for a, b in zip(over_shm, over_http, strict=True):
+    _same_batches(over_shm, over_http)
+
+
+def _same_batches(got: list[dict[str, NDArray[Any]]], want: list[dict[str, NDArray[Any]]]) -> None:
+    assert len(got) == len(want)
+    for a, b in zip(got, want, strict=True):
         assert a.keys() == b.keys()
         for k in a:
             assert a[k].dtype == b[k].dtype and a[k].tobytes() == b[k].tobytes()
+
+
+def test_loopback_tcp_gets_shared_memory_too(data: Path) -> None:
+    # The kernel never routes 127.0.0.0/8 off the host: a loopback bind is as local as a
+    # unix socket, so it keeps bodies in /dev/shm by default and batchd clients map them.
+    with ServerProcess(data, args=SHM) as srv, ServerProcess(data, args=["--no-shm"]) as plain:
+        assert srv.proc is not None and _dirs(srv.proc.pid)
+        with srv.client() as http:
+            r = http.get("/v1/datasets/tiny/batches/0", params=QUERY, headers={"X-Batchd-Shm": "1"})
+            generic = http.get("/v1/datasets/tiny/batches/0", params=QUERY)
+        assert r.headers["content-type"] == transport.SHM_MEDIA
+        assert Path(r.json()["path"]).parent in _dirs(srv.proc.pid)
+        assert generic.headers["content-type"] == "application/msgpack"  # curl, httpx: bytes
+        assert Path(r.json()["path"]).read_bytes() == generic.content
+        for url in (srv.url, srv.url.replace("127.0.0.1", "localhost")):
+            with batchd.Client(url, "tiny", batch_size=16, seed=5, augment=AUGMENT) as c:
+                assert _mapped(next(iter(c.iterate(3)))["image"]), url
+        _same_batches(_epoch(srv.url), _epoch(plain.url))
+        assert not _mapped(_epoch(plain.url)[0]["image"])
+
+
+def test_a_server_whose_user_cannot_be_told_is_never_mapped(
+    data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(transport, "peer_uid", lambda sock: None)
+    with ServerProcess(data, args=SHM) as srv, ServerProcess(data, args=["--no-shm"]) as plain:
+        got = _epoch(srv.url)
+        assert not any(_mapped(b["image"]) for b in got)
+        _same_batches(got, _epoch(plain.url))
+
+
+def test_only_same_host_peers_get_a_path(data: Path, arena: ShmArena) -> None:
+    # serve keeps bodies in /dev/shm only where every peer is local; the app checks the
+    # peer anyway, so the same engine answers a remote address with the bytes.
+    import asyncio
+
+    import httpx
+
+    from batchd_server.app import create_app
+    from batchd_server.engine import Engine
+    from batchd_server.registry import Registry
+
+    app = create_app(Engine(Registry(data), shm=arena))
+
+    async def content_type(peer: tuple[str, int]) -> str:
+        t = httpx.ASGITransport(app=app, client=peer)
+        async with httpx.AsyncClient(transport=t, base_url="http://batchd") as http:
+            r = await http.get(
+                "/v1/datasets/tiny/batches/0", params=QUERY, headers={"X-Batchd-Shm": "1"}
+            )
+        assert r.status_code == 200, r.text
+        return str(r.headers["content-type"])
+
+    async def both() -> tuple[str, str, str]:
+        return (
+            await content_type(("127.0.0.1", 5000)),
+            await content_type(("::1", 5000)),
+            await content_type(("10.1.2.3", 5000)),
+        )
+
+    try:
+        local, local6, remote = asyncio.run(both())
+    finally:
+        app.state.engine.close()
+    assert local == local6 == transport.SHM_MEDIA
+    assert remote == "application/msgpack"
 
 
 def test_evicted_body_falls_back_to_the_bytes(
@@ -316,21 +393,44 @@ def test_evicted_body_falls_back_to_the_bytes(
         return real(payload, url, owner)
 
     monkeypatch.setattr(transport, "map_shm_body", evict_first)
-    with ServerProcess(data, uds=sock) as srv, ServerProcess(data) as tcp:
+    with (
+        ServerProcess(data, uds=sock, args=SHM) as srv,
+        ServerProcess(data, args=["--no-shm"]) as tcp,
+    ):
         assert srv.proc is not None
         got, want = _epoch(f"unix://{sock}"), _epoch(tcp.url)
     assert len(calls) == len(got) == len(want)  # each batch: one shm try, then the bytes
-    for a, b in zip(got, want, strict=True):
-        for k in a:
-            assert a[k].tobytes() == b[k].tobytes()
+    _same_batches(got, want)
 
 
-def test_uncached_bodies_still_arrive(data: Path, sock: Path) -> None:
-    # No cache and no read-ahead: a body's file may be gone by the time the client looks.
-    args = ["--cache-bytes", "0", "--readahead", "0"]
-    with ServerProcess(data, uds=sock, args=args), ServerProcess(data) as tcp:
-        got, want = _epoch(f"unix://{sock}"), _epoch(tcp.url)
-    assert [b["image"].tobytes() for b in got] == [b["image"].tobytes() for b in want]
+def test_uncached_bodies_are_sent_as_bytes(data: Path, sock: Path) -> None:
+    # No cache and no read-ahead: a body's file would be gone before the client opened
+    # it, so the answer is the bytes, once (not a path, then the bytes on a second try).
+    args = [*SHM, "--cache-bytes", "0", "--readahead", "0"]
+    with ServerProcess(data, uds=sock, args=args) as srv, srv.client() as http:
+        r = http.get("/v1/datasets/tiny/batches/0", params=QUERY, headers={"X-Batchd-Shm": "1"})
+        assert r.headers["content-type"] == "application/msgpack"
+        with ServerProcess(data, args=["--no-shm"]) as tcp:
+            _same_batches(_epoch(f"unix://{sock}"), _epoch(tcp.url))
+
+
+def test_small_bodies_stay_off_shared_memory(data: Path, sock: Path) -> None:
+    with ServerProcess(data, uds=sock) as srv, srv.client() as http:  # the 1 MiB floor
+        assert srv.proc is not None
+        r = http.get("/v1/datasets/tiny/batches/0", params=QUERY, headers={"X-Batchd-Shm": "1"})
+        assert r.headers["content-type"] == "application/msgpack"
+        assert _files(_dirs(srv.proc.pid)[0]) == []
+
+
+def test_at_most_max_files_bodies_are_files(arena: ShmArena) -> None:
+    # Each mapping holds a descriptor (Python's mmap dups it): the arena bounds them.
+    arena.max_files = 3
+    bodies = [_sealed(arena, 4096, fill=i) for i in range(5)]
+    assert [arena.path_of(b) is not None for b in bodies] == [True] * 3 + [False] * 2
+    assert [int(b[0]) for b in bodies] == [0, 1, 2, 3, 4]  # all five hold their bytes
+    del bodies[0]
+    gc.collect()
+    assert arena.path_of(_sealed(arena, 4096)) is not None  # a file freed makes room
 
 
 def test_no_shm_serves_the_bytes(data: Path, sock: Path) -> None:
@@ -344,14 +444,16 @@ def test_no_shm_serves_the_bytes(data: Path, sock: Path) -> None:
         assert not _mapped(_epoch(f"unix://{sock}")[0]["image"])
 
 
-def test_shm_without_uds_is_a_config_error(data: Path) -> None:
-    result = CliRunner().invoke(cli, ["serve", "--data", str(data), "--shm"])
+def test_shm_that_other_hosts_could_reach_is_a_config_error(data: Path) -> None:
+    args = ["serve", "--data", str(data), "--host", "0.0.0.0", "--token", "t", "--shm"]
+    result = CliRunner().invoke(cli, args)
     assert result.exit_code != 0
-    assert "--uds" in str(result.exception) + result.output
+    message = str(result.exception) + result.output
+    assert "--shm with --host 0.0.0.0" in message and "--uds" in message
 
 
 def test_sigterm_removes_the_directory(data: Path, sock: Path) -> None:
-    srv = ServerProcess(data, uds=sock).start()
+    srv = ServerProcess(data, uds=sock, args=SHM).start()
     try:
         assert srv.proc is not None
         pid = srv.proc.pid
@@ -363,3 +465,48 @@ def test_sigterm_removes_the_directory(data: Path, sock: Path) -> None:
         code = srv.stop()
     assert code in (0, -signal.SIGTERM)  # uvicorn re-raises SIGTERM after its shutdown
     assert not shm_dir.exists()
+
+
+def test_directories_of_dead_servers_are_removed_at_start(tmp_path: Path) -> None:
+    alive = ShmArena(tmp_path)  # a live server: its lock is held
+    try:
+        dead = tmp_path / "batchd-999999-0badcafe"  # a server SIGKILLed: its lock went with it
+        dead.mkdir()
+        (dead / ".alive").touch()
+        (dead / "b-0").write_bytes(b"x" * 100)
+        unlocked = tmp_path / "batchd-999998-0badcafe"  # no lock file (yet): left alone
+        unlocked.mkdir()
+        other = tmp_path / "not-batchd"
+        other.mkdir()
+        second = ShmArena(tmp_path)
+        try:
+            assert not dead.exists()
+            assert alive.dir.exists() and unlocked.exists() and other.exists()
+        finally:
+            second.close()
+    finally:
+        alive.close()
+    assert not alive.dir.exists()
+
+
+def test_sigkilled_server_directory_goes_when_the_next_one_starts(data: Path, sock: Path) -> None:
+    first = ServerProcess(data, uds=sock, args=SHM).start()
+    assert first.proc is not None
+    (left,) = _dirs(first.proc.pid)
+    first.proc.kill()
+    first.proc.wait(10)
+    assert left.exists()  # nothing ran to remove it
+    sock.unlink()
+    with ServerProcess(data, uds=sock, args=SHM):
+        assert not left.exists()
+
+
+def test_close_twice_leaves_other_descriptors_alone(tmp_path: Path) -> None:
+    # serve closes the arena, and so does the engine: the second close must not close
+    # whatever file took the lock's descriptor number in between.
+    a = ShmArena(tmp_path)
+    a.close()
+    with open(tmp_path / "after", "wb") as f:
+        a.close()
+        f.write(b"still open")
+    assert (tmp_path / "after").read_bytes() == b"still open"

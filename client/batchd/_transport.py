@@ -19,15 +19,18 @@ Failure model::
 
 A URL that fails is skipped for ``cooldown`` seconds while another one is healthy.
 
-Same-host fast path: on a ``unix://`` endpoint a batch request carries
-``X-Batchd-Shm: 1``, and a server started with ``--uds`` (and ``--shm``, its default
-there) answers ``application/x-batchd-shm+json`` naming the shared-memory file that
-holds the finished body instead of sending it. The file is mapped copy-on-write
-(``MAP_PRIVATE``): no byte crosses the socket, pages are shared with the server and
-the other trainers, and the arrays stay writable (a write copies that page only).
+Same-host fast path: to a server on this host (a ``unix://`` endpoint, or ``http://``
+to ``localhost``, 127.0.0.0/8 or ``[::1]``) a batch request carries ``X-Batchd-Shm: 1``,
+and a server that keeps its bodies in shared memory (``--shm``, its default on a unix
+socket or a loopback address) answers ``application/x-batchd-shm+json`` naming the
+shared-memory file that holds the finished body instead of sending it. The file is
+mapped copy-on-write (``MAP_PRIVATE``): no byte crosses the socket, pages are shared
+with the server and the other trainers, and the arrays stay writable (a write copies
+that page only).
 A file the server dropped meanwhile (``ENOENT``) or of the wrong size is asked for
 again without the header, once; a path outside /dev/shm, a symlink, a non-regular
-file or one not owned by the socket's peer is refused (:class:`WireError`).
+file or one not owned by the server's user (:func:`batchd._peer.peer_uid`) is refused
+(:class:`WireError`); where that user cannot be found, no body is mapped.
 """
 
 from __future__ import annotations
@@ -40,7 +43,6 @@ import os
 import random
 import socket
 import stat
-import struct
 import threading
 import time
 import urllib.parse
@@ -63,6 +65,7 @@ from ._exceptions import (
     UnavailableError,
     WireError,
 )
+from ._peer import is_loopback_host, peer_uid
 
 __all__ = [
     "SHM_MEDIA",
@@ -96,6 +99,8 @@ class Endpoint:
     port: int | None
     prefix: str
     unix_path: str | None = None
+    same_host: bool = False
+    """A unix socket or plain HTTP to a loopback address: shared-memory bodies may be asked for."""
 
 
 def parse_url(url: str) -> Endpoint:
@@ -112,7 +117,13 @@ def parse_url(url: str) -> Endpoint:
                 f"unix socket URL {url!r} must be absolute with three slashes: unix:///path/to.sock"
             )
         return Endpoint(
-            url=url, scheme="unix", host="localhost", port=None, prefix="", unix_path=path
+            url=url,
+            scheme="unix",
+            host="localhost",
+            port=None,
+            prefix="",
+            unix_path=path,
+            same_host=True,
         )
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(
@@ -131,6 +142,7 @@ def parse_url(url: str) -> Endpoint:
         host=parts.hostname,
         port=port,
         prefix=parts.path.rstrip("/"),
+        same_host=parts.scheme == "http" and is_loopback_host(parts.hostname),
     )
 
 
@@ -243,12 +255,6 @@ def _read_body(resp: http.client.HTTPResponse, buffers: Buffers) -> NDArray[np.u
 
 class _ShmGone(Exception):
     """The announced body file is gone or changed (evicted meanwhile): ask for the bytes."""
-
-
-def _peer_uid(sock: socket.socket) -> int:
-    """The uid of the process at the other end of a unix socket (the server)."""
-    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    return int(struct.unpack("3i", creds)[1])
 
 
 def map_shm_body(payload: Any, url: str, owner: int | None) -> NDArray[np.uint8]:
@@ -379,6 +385,9 @@ class Transport:
         self._pid = os.getpid()
         self._buffers = Buffers(keep_buffers)
         self._shm = True  # off for good once this user may not open the server's files
+        # The server's uid per connection (read once: on TCP it is a /proc/net/tcp lookup).
+        self._owners: weakref.WeakKeyDictionary[socket.socket, int | None]
+        self._owners = weakref.WeakKeyDictionary()
         # Idle sockets close when the transport is dropped, without ResourceWarnings.
         self._finalizer = weakref.finalize(self, _close_pools, self._lock, self._health, self._pid)
 
@@ -421,6 +430,15 @@ class Transport:
         with self._lock:
             self._health[i].pool.append(conn)
 
+    def _owner(self, sock: socket.socket) -> int | None:
+        with self._lock:
+            if sock in self._owners:
+                return self._owners[sock]
+        uid = peer_uid(sock)
+        with self._lock:
+            self._owners[sock] = uid
+        return uid
+
     def close(self) -> None:
         """Close every idle connection (in-flight ones close when their request ends)."""
         self._finalizer()
@@ -430,7 +448,7 @@ class Transport:
 
     def _once(self, i: int, target: str, cancel: Cancel | None, shm: bool = False) -> Response:
         ep = self.endpoints[i]
-        shm = shm and self._shm and ep.unix_path is not None
+        shm = shm and self._shm and ep.same_host
         headers = {**self._headers, _SHM_HEADER: "1"} if shm else self._headers
         conn, reused = self._checkout(i)
         sock = conn.sock
@@ -459,7 +477,7 @@ class Transport:
                 resp = conn.getresponse()
             body = _read_body(resp, self._buffers)
             is_shm = shm and resp.status == 200 and resp.getheader("content-type") == SHM_MEDIA
-            owner = _peer_uid(conn.sock) if is_shm else None
+            owner = self._owner(conn.sock) if is_shm else None
         except BaseException:
             conn.close()
             raise
@@ -473,6 +491,9 @@ class Transport:
             self._checkin(i, conn)
         if is_shm:
             result = Response(status=resp.status, headers=got, body=body, url=ep.url)
+            if owner is None:  # whose files these are cannot be told: never map them
+                self._shm = False
+                return self._once(i, target, cancel)
             try:
                 body = map_shm_body(result.json(), ep.url, owner)
             except _ShmGone:
@@ -492,8 +513,8 @@ class Transport:
     ) -> Response:
         """GET ``path`` (with ``params``) from any endpoint, retrying until the deadline.
 
-        ``shm``: on a unix-socket endpoint, accept a batch body in shared memory (the
-        returned ``body`` then maps it, copy-on-write).
+        ``shm``: on a same-host endpoint (unix socket, loopback HTTP), accept a batch
+        body in shared memory (the returned ``body`` then maps it, copy-on-write).
 
         Returns a 2xx response; raises the mapped :class:`ServerError` for 4xx (and
         other non-retryable statuses), :class:`UnavailableError` when 502/503/504

@@ -29,6 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from batchd import __version__
+from batchd._peer import is_loopback_host
 
 from .engine import MAX_WORLD_SIZE, BatchRequest, Engine
 from .registry import Rejected
@@ -40,6 +41,17 @@ log = logging.getLogger("batchd.app")
 
 MSGPACK = "application/msgpack"
 SHM_JSON = "application/x-batchd-shm+json"  # same-host answer: where the body lies
+
+
+def _same_host(request: Request) -> bool:
+    """A unix-socket peer (no address) or a loopback one: it can open our /dev/shm files.
+
+    ``serve`` keeps bodies in shared memory only on a unix socket or a loopback bind, so
+    this holds for every peer there; it still guards any other way the app is run.
+    """
+    return request.client is None or is_loopback_host(request.client.host)
+
+
 # uvicorn/httptools refuse a request line over ~64 KiB (a plain-text 400 outside our
 # JSON contract); 4096 characters percent-encode to at most 48 KiB even as 4-byte UTF-8,
 # so every augment the schema allows reaches the app (found by schemathesis, issue 7).
@@ -215,8 +227,8 @@ def create_app(engine: Engine, *, token: str | None = None) -> FastAPI:
         responses={
             200: {
                 "content": {MSGPACK: {}, SHM_JSON: {}},
-                "description": "msgpack batch body, or with X-Batchd-Shm: 1 on a --uds "
-                "server its shared-memory path (docs/protocol.md)",
+                "description": "msgpack batch body, or with X-Batchd-Shm: 1 from a client "
+                "on this host its shared-memory path (docs/protocol.md)",
             },
             **_ERRORS,
             409: {"model": ErrorBody, "description": "The pack changed on disk or is corrupt"},
@@ -262,9 +274,15 @@ def create_app(engine: Engine, *, token: str | None = None) -> FastAPI:
             "X-Batchd-Cache": served.source,
             "X-Batchd-Batches": str(served.num_batches),
         }
-        # Read from the raw headers, not a declared parameter: only batchd clients on a
-        # unix socket send it, and generic clients must keep getting the bytes.
-        if engine.shm is not None and request.headers.get("x-batchd-shm") == "1":
+        # The header is read raw, not declared: only batchd clients on this host send it,
+        # and generic clients must keep getting the bytes. Only a cached body outlives
+        # this answer: an uncached one's file would be gone before the client opened it.
+        if (
+            engine.shm is not None
+            and served.cached
+            and request.headers.get("x-batchd-shm") == "1"
+            and _same_host(request)
+        ):
             path = engine.shm.path_of(served.body)
             if path is not None:
                 ref = {

@@ -107,6 +107,8 @@ class Served:
     source: Literal["hit", "miss", "join"]
     fingerprint: str
     num_batches: int
+    cached: bool = False
+    """The cache holds the body still, so it outlives this answer (a client may map it)."""
 
 
 class _Flight:
@@ -196,7 +198,8 @@ class Engine:
         shm: ShmArena | None = None,
     ) -> None:
         self.registry = registry
-        # Bodies in shared memory (``--uds``): the app may then answer with their path.
+        # Bodies in shared memory (a unix socket or loopback bind): the app may then
+        # answer same-host clients with their path.
         self.shm = shm
         self.config = config or EngineConfig()
         self.metrics = metrics or Metrics(registry)
@@ -360,7 +363,8 @@ class Engine:
             # shield: a client that hangs up does not cancel work others may join.
             body = await asyncio.shield(flight.task)
         self._read_ahead(prep)
-        return Served(body, source, ds.fingerprint, prep.plan.num_batches)
+        cached = prep.key in self._cache
+        return Served(body, source, ds.fingerprint, prep.plan.num_batches, cached)
 
     def _start(self, prep: _Prepared, priority: int) -> _Flight:
         flight = _Flight(priority)

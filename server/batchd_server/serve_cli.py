@@ -7,7 +7,6 @@ SIGTERM (``docker stop``) drains in-flight requests for up to 10 s before exitin
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import os
 import re
@@ -15,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import click
+
+from batchd._peer import is_loopback_host
 
 from .errors import ConfigError
 
@@ -50,15 +51,6 @@ class _Bytes(click.ParamType):  # type: ignore[type-arg]
             self.fail(str(exc), param, ctx)
 
 
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False  # a hostname: it may resolve to anything, so treat it as exposed
-
-
 def _config_with_guard(header_timeout: float) -> type[Any]:
     """uvicorn.Config whose httptools protocol bounds request heads (see protocol.py).
 
@@ -83,7 +75,7 @@ def check_exposure(
     host: str, uds: Path | None, token: str | None, allow_unauthenticated: bool
 ) -> None:
     """Refuse to listen on a network without a token unless told to."""
-    if uds is None and token is None and not allow_unauthenticated and not is_loopback(host):
+    if uds is None and token is None and not allow_unauthenticated and not is_loopback_host(host):
         raise ConfigError(
             f"binding {host} without --token exposes every dataset under --data to the network; "
             "pass --token (or set BATCHD_TOKEN) or --allow-unauthenticated"
@@ -113,8 +105,18 @@ def check_exposure(
     "--shm/--no-shm",
     default=None,
     envvar="BATCHD_SHM",
-    help="With --uds, hand batch bodies to clients in /dev/shm instead of the socket  "
-    "[default: on with --uds; --shm without --uds is an error]",
+    help="Hand batch bodies to clients on this host in /dev/shm instead of the socket  "
+    "[default: on with --uds or a loopback --host; a --shm that other hosts could "
+    "reach is an error]",
+)
+@click.option(
+    "--shm-min-bytes",
+    type=_Bytes(),
+    default="1MiB",
+    show_default=True,
+    envvar="BATCHD_SHM_MIN_BYTES",
+    help="Smaller bodies are sent over the socket even with --shm: for them a file and a "
+    "mapping cost more than the copy they save.",
 )
 @click.option(
     "--token",
@@ -205,6 +207,7 @@ def serve(
     port: int,
     uds: Path | None,
     shm: bool | None,
+    shm_min_bytes: int,
     token: str | None,
     allow_unauthenticated: bool,
     threads: int | None,
@@ -226,10 +229,12 @@ def serve(
 
     token = token or None  # BATCHD_TOKEN="" (an unset compose variable) means no token
     check_exposure(host, uds, token, allow_unauthenticated)
-    if shm and uds is None:
+    same_host = uds is not None or is_loopback_host(host)
+    if shm and not same_host:
         raise ConfigError(
-            "--shm needs --uds: shared-memory bodies are for clients on this host, which "
-            "only a unix socket guarantees; drop --shm or serve on --uds PATH"
+            f"--shm with --host {host}: shared-memory bodies are for clients on this host, "
+            "which only a unix socket (--uds PATH) or a loopback address (127.0.0.1, ::1) "
+            "guarantees; drop --shm or bind one of those"
         )
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -267,11 +272,17 @@ def serve(
         "on" if token else "off",
     )
     arena = None
-    if uds is not None and shm is not False:
+    if same_host and shm is not False:
         from .shm import ShmArena
 
-        arena = ShmArena()
-        log.info("batch bodies in shared memory under %s (--no-shm to turn off)", arena.dir)
+        arena = ShmArena(min_bytes=shm_min_bytes)
+        log.info(
+            "batch bodies of %d bytes and more in shared memory under %s, at most %d files "
+            "(--no-shm to turn off)",
+            arena.min_bytes,
+            arena.dir,
+            arena.max_files,
+        )
     engine = Engine(registry, config, shm=arena)
     app = create_app(engine, token=token)
     server = uvicorn.Server(

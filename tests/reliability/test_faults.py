@@ -97,7 +97,10 @@ def test_sigkill_during_epochs_loses_nothing(
     tiny_pack(data / "wide", n=WIDE_N, hw=WIDE_HW, seed=1)
     retries = RetryCounter(monkeypatch)
     slow = _SlowBigBodies(monkeypatch)
-    srv = ServerProcess(data, args=["--threads", "1", "--cache-bytes", "64MiB"]).start()
+    # --no-shm: the kills must be able to land while a body crosses the socket, which
+    # is how every client off this host gets its batches.
+    args = ["--threads", "1", "--cache-bytes", "64MiB", "--no-shm"]
+    srv = ServerProcess(data, args=args).start()
 
     stop = threading.Event()
     errors: list[BaseException] = []
