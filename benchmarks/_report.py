@@ -52,7 +52,11 @@ def _sharing(report: dict[str, Any], mode: str, trainers: int) -> dict[str, Any]
 
 
 #: The one-trainer contenders each ratio and target is given for.
-_TRANSPORTS = {"batchd_tcp": "TCP", "batchd_uds": "unix socket"}
+_TRANSPORTS = {
+    "batchd_tcp": "TCP",
+    "batchd_uds": "unix socket",
+    "batchd_tcp_bytes": "TCP --no-shm",
+}
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:

@@ -6,7 +6,8 @@ on the generated 256x256 set, random crop 224 + flip, batch 256, and reports
 training steps per second for each feeder:
 
     synthetic           one batch already on the device, reused: the step's ceiling
-    batchd_tcp          batchd.Client.iterate over TCP, the server on the same host
+    batchd_tcp          batchd.Client.iterate over TCP to 127.0.0.1 (shared-memory bodies)
+    batchd_tcp_bytes    the same with --no-shm: every body crosses the socket
     batchd_uds          the same over a unix socket (shared-memory bodies)
     dataloader_memmap   torch DataLoader over the same np.memmap, W workers, pinned
 
@@ -39,7 +40,13 @@ from ._harness import environment, page_cache_bytes, serve, stat
 
 __all__ = ["FEEDERS", "main", "parse_args", "resnet18", "run"]
 
-FEEDERS: tuple[str, ...] = ("synthetic", "batchd_tcp", "batchd_uds", "dataloader_memmap")
+FEEDERS: tuple[str, ...] = (
+    "synthetic",
+    "batchd_tcp",
+    "batchd_tcp_bytes",
+    "batchd_uds",
+    "dataloader_memmap",
+)
 _MEAN = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 _STD = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 
@@ -218,9 +225,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 x = torch.randint(0, 256, shape, dtype=torch.uint8, generator=gen).to(device)
                 y = torch.randint(0, len(CLASSES), (args.batch_size,), generator=gen).to(device)
                 res = _time_feeder(itertools.repeat((x, y)), step, device, args)
-            elif feeder in ("batchd_tcp", "batchd_uds"):
-                threads = ["--threads", str(args.workers)]
-                with serve(images.data_dir, uds=feeder == "batchd_uds", args=threads) as server:
+            elif feeder.startswith("batchd"):
+                extra = ["--threads", str(args.workers)]
+                extra += ["--no-shm"] if feeder == "batchd_tcp_bytes" else []
+                with serve(images.data_dir, uds=feeder == "batchd_uds", args=extra) as server:
                     feed = _batchd_batches(server.url, images.name, args.batch_size, args.crop)
                     res = _time_feeder(feed, step, device, args)
             elif feeder == "dataloader_memmap":

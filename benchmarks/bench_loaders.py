@@ -5,9 +5,12 @@ Every contender delivers, per batch of 256, uint8 RGB images (random crop 224 of
 and int64 labels, in a fresh random order each epoch. Nothing trains: the number is
 how fast a loader can feed a trainer, in images per second.
 
-    1 batchd_tcp / batchd_uds   batchd.Client.iterate over the raw pack (TCP, unix socket)
-      batchd_preadv             the same over TCP with --no-leases: the server reads with
-                                preadv, as it must where it cannot take read leases
+    1 batchd_tcp / batchd_uds   batchd.Client.iterate over the raw pack (TCP to 127.0.0.1,
+                                unix socket): both same-host, so bodies in shared memory
+      batchd_tcp_bytes          TCP with --no-shm: every body crosses the socket, as it
+                                does for a trainer on another host or in another container
+      batchd_preadv             TCP with --no-leases: the server reads with preadv, as it
+                                must where it cannot take read leases
     2 dataloader_files          torch DataLoader, 2 workers, cv2.imread per sample
     3 dataloader_memmap         torch DataLoader, 2 workers, np.memmap opened per worker
     4 keras_files               keras.utils.PyDataset reading the files per batch
@@ -61,6 +64,7 @@ WORKLOADS: tuple[Workload, ...] = (
 CONTENDERS: dict[str, tuple[int, str]] = {
     "batchd_tcp": (1, "batchd, TCP"),
     "batchd_uds": (1, "batchd, unix socket"),
+    "batchd_tcp_bytes": (1, "batchd, TCP, --no-shm (bytes over the socket)"),
     "batchd_preadv": (1, "batchd, TCP, --no-leases (preadv)"),
     "dataloader_files": (2, "DataLoader x2, cv2.imread per file"),
     "dataloader_memmap": (3, "DataLoader x2, np.memmap"),
@@ -208,6 +212,14 @@ def _batchd_pass(url: str, name: str, workload: Workload, cfg: BenchConfig) -> C
 
 # --- entry ----------------------------------------------------------------------------
 
+#: The raw-pack batchd contenders: the server's extra arguments and the note in the record.
+_BATCHD: dict[str, tuple[list[str], str]] = {
+    "batchd_tcp": ([], "raw pack; shared-memory bodies (loopback)"),
+    "batchd_uds": ([], "raw pack; shared-memory bodies (unix socket)"),
+    "batchd_tcp_bytes": (["--no-shm"], "raw pack; bodies over the socket"),
+    "batchd_preadv": (["--no-leases"], "raw pack, read with preadv (the fallback)"),
+}
+
 
 def run(
     contender: str, workload: Workload, images: ImageSet, cfg: BenchConfig
@@ -235,13 +247,11 @@ def run(
             return sum(len(seq[k][1]) for k in range(len(seq)))
 
         yield measure(run_pass=keras_pass, notes="workers=1, in the trainer process", **common)
-    elif contender in ("batchd_tcp", "batchd_uds", "batchd_preadv"):
+    elif contender in _BATCHD:
         ensure_packs(images)
-        preadv = contender == "batchd_preadv"
-        args = ["--no-leases"] if preadv else []
+        args, note = _BATCHD[contender]
         with serve(images.data_dir, uds=contender == "batchd_uds", args=args) as server:
             run_pass = _batchd_pass(server.url, images.name, workload, cfg)
-            note = "raw pack, read with preadv (the fallback)" if preadv else "raw pack"
             yield measure(run_pass=run_pass, notes=note, **common)
     elif contender == "batchd_encoded":
         if workload.size < 128:
