@@ -318,6 +318,7 @@ def plot(report: dict[str, Any], out_dir: Path) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
     written: list[Path] = []
     loaders = report.get("loaders", [])
@@ -338,6 +339,8 @@ def plot(report: dict[str, Any], out_dir: Path) -> list[Path]:
             ]
             ax.barh([r["label"] for r in rows], med, xerr=err, color=colors)
             ax.invert_yaxis()
+            # "12k", not "12000": full numbers ran into each other on the narrow axes.
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v / 1000:g}k"))
             ax.set_xlabel("images/s (median, min-max)")
             ax.set_title(wl)
         fig.suptitle(f"One trainer, batch 256 ({report['environment'].get('cpu_count')} CPUs)")
