@@ -191,9 +191,9 @@ def test_client_falls_back_on_missing_or_resized_files(arena: ShmArena) -> None:
     body = _sealed(arena, 4096)
     path = arena.path_of(body)
     with pytest.raises(transport._ShmGone):
-        transport.map_shm_body({"path": path, "length": 4095}, "u", None)
+        transport.map_shm_body({"path": path, "length": 4095}, "u", os.getuid())
     with pytest.raises(transport._ShmGone):
-        transport.map_shm_body({"path": f"{arena.dir}/nope", "length": 1}, "u", None)
+        transport.map_shm_body({"path": f"{arena.dir}/nope", "length": 1}, "u", os.getuid())
 
 
 @pytest.mark.parametrize(
@@ -210,7 +210,7 @@ def test_client_falls_back_on_missing_or_resized_files(arena: ShmArena) -> None:
 )
 def test_client_refuses_paths_outside_dev_shm(payload: Any) -> None:
     with pytest.raises(WireError, match=r"refusing|lacks|not a JSON object"):
-        transport.map_shm_body(payload, "unix:///x", None)
+        transport.map_shm_body(payload, "unix:///x", os.getuid())
 
 
 def test_client_refuses_symlinks_directories_and_foreign_files(arena: ShmArena) -> None:
@@ -223,7 +223,7 @@ def test_client_refuses_symlinks_directories_and_foreign_files(arena: ShmArena) 
     try:
         for bad in (str(link), str(sub)):
             with pytest.raises(WireError, match="refusing"):
-                transport.map_shm_body({"path": bad, "length": 4096}, "u", None)
+                transport.map_shm_body({"path": bad, "length": 4096}, "u", os.getuid())
         with pytest.raises(WireError, match="owned by the server"):
             transport.map_shm_body({"path": path, "length": 4096}, "u", os.getuid() + 1)
     finally:
@@ -387,7 +387,7 @@ def test_evicted_body_falls_back_to_the_bytes(
     calls: list[str] = []
     real = transport.map_shm_body
 
-    def evict_first(payload: Any, url: str, owner: int | None) -> NDArray[np.uint8]:
+    def evict_first(payload: Any, url: str, owner: int) -> NDArray[np.uint8]:
         calls.append(payload["path"])
         os.unlink(payload["path"])  # the server's cache dropped it before we opened it
         return real(payload, url, owner)

@@ -257,10 +257,10 @@ class _ShmGone(Exception):
     """The announced body file is gone or changed (evicted meanwhile): ask for the bytes."""
 
 
-def map_shm_body(payload: Any, url: str, owner: int | None) -> NDArray[np.uint8]:
+def map_shm_body(payload: Any, url: str, owner: int) -> NDArray[np.uint8]:
     """Map the body an ``application/x-batchd-shm+json`` answer names, copy-on-write.
 
-    ``owner``: the uid the file must belong to (the socket's peer), or None to skip.
+    ``owner``: the uid the file must belong to (the server's user, :func:`peer_uid`).
     Raises :class:`_ShmGone` when the file is missing or not ``length`` bytes (the
     server dropped it: ask again for the bytes), :class:`WireError` for an answer that
     must never be mapped. The returned array keeps the mapping alive; no fd stays open.
@@ -285,7 +285,7 @@ def map_shm_body(payload: Any, url: str, owner: int | None) -> NDArray[np.uint8]
         raise WireError(f"{url}: refusing to map {path!r}: {exc.strerror}") from None
     try:
         st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or (owner is not None and st.st_uid != owner):
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != owner:
             raise WireError(
                 f"{url}: refusing to map {path!r}: not a regular file owned by the server "
                 f"(uid {owner})"
