@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from batchd_server.metrics import resident_bytes
+from batchd_server.serve.metrics import resident_bytes
 
 __all__ = [
     "BenchConfig",

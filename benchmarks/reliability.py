@@ -76,8 +76,9 @@ def _pack_256(tmp: Path) -> tuple[Path, str]:
 
 
 def _epoch_rate(root: Path, name: str, augment: str, threads: int, epoch: int) -> float:
-    from batchd_server.engine import BatchRequest, Engine, EngineConfig
-    from batchd_server.registry import Registry
+    from batchd_server.serve.engine import Engine, EngineConfig
+    from batchd_server.serve.registry import Registry
+    from batchd_server.serve.request import BatchRequest
 
     async def run() -> float:
         eng = Engine(Registry(root), EngineConfig(threads=threads, cache_bytes=0, readahead=0))

@@ -2,7 +2,7 @@
 
 A stdlib ``ThreadingHTTPServer`` (HTTP/1.1 keep-alive) on 127.0.0.1 or a unix socket,
 serving the routes of docs/protocol.md from an in-memory dataset built with
-``batchd._wire.layout``. It shards like ``DistributedSampler`` (pad by wrapping, or
+``batchd.wire.layout``. It shards like ``DistributedSampler`` (pad by wrapping, or
 drop the tail with ``drop_last``) from a ``(seed, epoch)`` permutation, so batches are
 pure functions of the request, as on the real server.
 
@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from batchd._wire import layout
+from batchd.wire import layout
 
 Fault = str | tuple[Any, ...]
 

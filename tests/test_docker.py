@@ -30,7 +30,7 @@ import pytest
 import yaml
 
 from batchd_server.errors import ConfigError
-from batchd_server.serve_cli import _GRACEFUL_S, check_exposure, serve
+from batchd_server.serve.cli import _GRACEFUL_S, check_exposure, serve
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "docker" / "Dockerfile"
@@ -331,7 +331,7 @@ def test_compose_pack_service_writes_into_data(tmp_path: Path) -> None:
     assert res.returncode == 0, res.stderr
     assert called == ["pack", "photos", "/data/pets", "--size", "64x64"]
     # and the real `batchd pack` accepts that invocation (source and /data mapped to tmp)
-    from batchd_server.pack_cli import pack_cmd
+    from batchd_server.pack.cli import pack_cmd
 
     (tmp_path / "photos").mkdir()
     ctx = pack_cmd.make_context(

@@ -24,13 +24,12 @@ from dataclasses import asdict, dataclass
 from itertools import islice
 from typing import TYPE_CHECKING, Any, TypeVar
 
-import numpy as np
 from numpy.typing import NDArray
 
 from ._exceptions import FingerprintError, StateError, TransportError, WireError
 from ._info import DatasetInfo, parse_info
 from ._transport import Cancel, Transport, parse_url
-from ._wire import decode
+from .wire import MAX_SEED, check_int, decode_batch
 
 if TYPE_CHECKING:
     from ._keras import KerasDataset
@@ -76,15 +75,6 @@ class _Params:
 
 def _flag(value: bool) -> str:
     return "true" if value else "false"
-
-
-def _int(name: str, value: object, low: int, high: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer):
-        raise ValueError(f"{name} must be an int, got {value!r}")
-    if value < low or (high is not None and value > high):
-        bound = f">= {low}" if high is None else f"in {low}..{high}"
-        raise ValueError(f"{name} must be {bound}, got {value}")
-    return int(value)
 
 
 def _augment_json(augment: Sequence[Mapping[str, Any]] | None) -> str:
@@ -146,7 +136,8 @@ class Client:
     ``torch.distributed`` when it is initialised and they were not given. ``token``
     defaults to the ``BATCHD_TOKEN`` environment variable. ``timeout`` bounds each
     connect and each socket read; failures are retried until ``retry_deadline``
-    seconds have passed (long enough to ride out a server restart).
+    seconds have passed (long enough to ride out a server restart). ``transport``
+    replaces the HTTP transport, for tests (:class:`batchd.testing.MockTransport`).
     """
 
     def __init__(
@@ -165,11 +156,12 @@ class Client:
         prefetch: int = 4,
         timeout: float = 60.0,
         retry_deadline: float = _DEFAULT_RETRY_DEADLINE,
+        transport: Transport | None = None,
     ) -> None:
         if not isinstance(dataset, str) or not dataset:
             raise ValueError(f"dataset must be a non-empty name, got {dataset!r}")
-        ws = 1 if world_size is None else _int("world_size", world_size, 1)
-        rk = 0 if rank is None else _int("rank", rank, 0, ws - 1)
+        ws = 1 if world_size is None else check_int("world_size", world_size, 1)
+        rk = 0 if rank is None else check_int("rank", rank, 0, ws - 1)
         if not (isinstance(timeout, int | float) and timeout > 0):
             raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
         if not (isinstance(retry_deadline, int | float) and retry_deadline >= 0):
@@ -177,8 +169,8 @@ class Client:
         self.urls = _urls(urls)
         self._params = _Params(
             dataset=dataset,
-            batch_size=_int("batch_size", batch_size, 1),
-            seed=_int("seed", seed, 0, 2**63 - 1),
+            batch_size=check_int("batch_size", batch_size, 1),
+            seed=check_int("seed", seed, 0, MAX_SEED),
             shuffle=bool(shuffle),
             drop_last=bool(drop_last),
             augment=_augment_json(augment),
@@ -187,12 +179,13 @@ class Client:
         )
         self._shard_given = rank is not None or world_size is not None
         self._token = token if token is not None else os.environ.get("BATCHD_TOKEN") or None
-        self.prefetch = _int("prefetch", prefetch, 1)
+        self.prefetch = check_int("prefetch", prefetch, 1)
         self.timeout = float(timeout)
         self.retry_deadline = float(retry_deadline)
         self._epoch = 0
         self._next = 0
         self._resume_fingerprint: str | None = None
+        self._given_transport = transport
         self._init_runtime()
 
     # -- plumbing -------------------------------------------------------------------
@@ -215,6 +208,8 @@ class Client:
         self._init_runtime()
 
     def _transport(self) -> Transport:
+        if self._given_transport is not None:
+            return self._given_transport
         with self._lock:
             if self._tx is None or self._tx_pid != os.getpid():
                 # A forked child must not share the parent's sockets.
@@ -273,6 +268,16 @@ class Client:
         """The batch :meth:`iterate` resumes from by default."""
         return self._next
 
+    @property
+    def shard_given(self) -> bool:
+        """True when ``rank`` or ``world_size`` was passed (``torch()`` then keeps them)."""
+        return self._shard_given
+
+    def seek(self, epoch: int, next_batch: int = 0) -> None:
+        """Move the position :meth:`iterate` and :meth:`state_dict` use."""
+        self._epoch = check_int("epoch", epoch, 0, MAX_SEED)
+        self._next = check_int("next_batch", next_batch, 0)
+
     def refresh(self) -> DatasetInfo:
         """Ask the server again for the dataset's info and this rank's epoch plan."""
         path = f"/v1/datasets/{urllib.parse.quote(self.dataset, safe='')}"
@@ -292,12 +297,24 @@ class Client:
 
     # -- batches --------------------------------------------------------------------
 
-    def _fetch(
-        self, epoch: int, k: int, expect: DatasetInfo, cancel: Cancel | None = None
+    def fetch(
+        self,
+        epoch: int,
+        k: int,
+        *,
+        info: DatasetInfo | None = None,
+        cancel: Cancel | None = None,
     ) -> Batch:
+        """Batch ``k`` of ``epoch`` as ``{field: array, "index": ids}`` (random access).
+
+        ``info``: the dataset info the batch must match (default: :attr:`info`); a batch
+        with another fingerprint raises :class:`FingerprintError`. ``cancel`` lets a
+        prefetcher abort the request from another thread. The position is unchanged.
+        """
+        expect = info if info is not None else self.info
         path = f"/v1/datasets/{urllib.parse.quote(self.dataset, safe='')}/batches/{k}"
         resp = self._transport().get(path, self._params.batch_query(epoch), cancel=cancel, shm=True)
-        batch = decode(resp.body)
+        batch = decode_batch(resp.body)
         if batch.fingerprint != expect.fingerprint:
             raise FingerprintError(
                 f"dataset {self.dataset!r} changed on the server (fingerprint "
@@ -313,11 +330,18 @@ class Client:
         out["index"] = batch.index
         return out
 
-    def _batches(
-        self, epoch: int, ks: Iterable[int], expect: DatasetInfo
+    def batches(
+        self, epoch: int, ks: Iterable[int], *, info: DatasetInfo | None = None
     ) -> Generator[Batch, None, None]:
-        """Batches ``ks`` of ``epoch`` in order, ``prefetch`` ahead (for the adapters)."""
-        return _prefetched(ks, lambda k, c: self._fetch(epoch, k, expect, c), self.prefetch)
+        """Batches ``ks`` of ``epoch`` in that order, ``prefetch`` requests ahead.
+
+        Closing the generator cancels what is in flight. The position is unchanged:
+        :meth:`iterate` is the resumable walk; this is for adapters and samplers.
+        """
+        expect = info if info is not None else self.info
+        return _prefetched(
+            ks, lambda k, c: self.fetch(epoch, k, info=expect, cancel=c), self.prefetch
+        )
 
     def iterate(
         self, epoch: int | None = None, start: int | None = None, *, progress: bool = False
@@ -331,8 +355,8 @@ class Client:
         if epoch is None:
             epoch, default_start = self._epoch, self._next
         else:
-            epoch, default_start = _int("epoch", epoch, 0, 2**63 - 1), 0
-        first = default_start if start is None else _int("start", start, 0)
+            epoch, default_start = check_int("epoch", epoch, 0, MAX_SEED), 0
+        first = default_start if start is None else check_int("start", start, 0)
         return self._iterate(epoch, first, progress)
 
     def _iterate(self, epoch: int, start: int, progress: bool) -> Iterator[Batch]:
@@ -349,7 +373,7 @@ class Client:
         bar = _progress_bar(info, epoch, start) if progress else None
         batches = _prefetched(
             range(start, info.batches),
-            lambda k, c: self._fetch(epoch, k, info, c),
+            lambda k, c: self.fetch(epoch, k, info=info, cancel=c),
             self.prefetch,
         )
         try:
@@ -396,8 +420,8 @@ class Client:
                 + "; create the client with the saved parameters to resume"
             )
         try:
-            epoch = _int("epoch", state.get("epoch"), 0)
-            nxt = _int("next_batch", state.get("next_batch"), 0)
+            epoch = check_int("epoch", state.get("epoch"), 0)
+            nxt = check_int("next_batch", state.get("next_batch"), 0)
         except ValueError as exc:
             raise StateError(f"corrupt client state: {exc}") from exc
         fingerprint = state.get("fingerprint")
@@ -423,8 +447,9 @@ class Client:
             prefetch=self.prefetch,
             timeout=self.timeout,
             retry_deadline=self.retry_deadline,
+            transport=self._given_transport,
         )
-        other._epoch = self._epoch
+        other.seek(self._epoch)
         return other
 
     def keras(

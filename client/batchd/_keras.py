@@ -122,7 +122,7 @@ class KerasDataset(keras.utils.PyDataset):  # type: ignore[misc]  # keras is unt
             if self._runs >= 2:
                 self._read_ahead(epoch, k, n, info)
             self._last = k
-        batch = fut.result() if fut is not None else self.client._fetch(epoch, k, info)
+        batch = fut.result() if fut is not None else self.client.fetch(epoch, k, info=info)
         x = _pick(batch, self._x)
         if self._y is None:
             return (x,)
@@ -137,7 +137,9 @@ class KerasDataset(keras.utils.PyDataset):  # type: ignore[misc]  # keras is unt
         for j in range(k + 1, min(n, k + 1 + self.client.prefetch)):
             if j not in self._claimed and len(self._ahead) < 2 * self.client.prefetch:
                 self._claimed.add(j)
-                self._ahead[j] = self._pool.submit(self.client._fetch, epoch, j, info, self._cancel)
+                self._ahead[j] = self._pool.submit(
+                    self.client.fetch, epoch, j, info=info, cancel=self._cancel
+                )
 
     def on_epoch_end(self) -> None:
         with self._lock:
@@ -150,7 +152,7 @@ class KerasDataset(keras.utils.PyDataset):  # type: ignore[misc]  # keras is unt
             self.epoch += 1
             self._expect = None  # next epoch: fresh plan and fingerprint
             # Keep the client's resume point in step (client.state_dict()).
-            self.client._epoch, self.client._next = self.epoch, 0
+            self.client.seek(self.epoch)
 
     def _drop_ahead(self) -> None:
         self._cancel.cancel()

@@ -19,17 +19,7 @@ import socket
 import struct
 import sys
 
-__all__ = ["is_loopback_host", "peer_uid"]
-
-
-def is_loopback_host(host: str) -> bool:
-    """True for ``localhost`` and loopback IP literals (127.0.0.0/8, ::1)."""
-    if host.lower().rstrip(".") == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False  # a name: it may resolve anywhere
+__all__ = ["peer_uid"]
 
 
 def peer_uid(sock: socket.socket) -> int | None:

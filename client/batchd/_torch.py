@@ -31,7 +31,7 @@ def resolve_shard(client: Client, rank: int | None, world_size: int | None) -> t
         if not 0 <= r < w:
             raise ValueError(f"rank must be in 0..{w - 1} for world_size={w}, got {r}")
         return r, w
-    if client._shard_given:
+    if client.shard_given:
         return client.rank, client.world_size
     import torch.distributed as dist
 
@@ -60,7 +60,7 @@ class TorchDataset(IterableDataset[dict[str, torch.Tensor]]):
         worker = get_worker_info()
         w, n_workers = (worker.id, worker.num_workers) if worker is not None else (0, 1)
         expect = self.client.refresh()
-        batches = self.client._batches(self.epoch, range(w, expect.batches, n_workers), expect)
+        batches = self.client.batches(self.epoch, range(w, expect.batches, n_workers), info=expect)
         try:
             for batch in batches:
                 yield {name: torch.from_numpy(array) for name, array in batch.items()}

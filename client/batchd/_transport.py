@@ -4,7 +4,7 @@ One transport for every request (JSON and batches). ``http.client`` with
 ``HTTPResponse.readinto`` fills a numpy buffer in place, so a 38 MB body is never
 copied after the socket read. Faulting in fresh memory costs about a third of the
 receive time on loopback, so large bodies land in buffers that are recycled once
-nothing views them any more (:class:`~batchd._buffers.Buffers`): a batch the caller still holds is
+nothing views them any more (:class:`~batchd.buffers.Buffers`): a batch the caller still holds is
 never overwritten. ``benchmarks/bench_receive.py`` has the measurements.
 
 Failure model::
@@ -35,14 +35,12 @@ file or one not owned by the server's user (:func:`batchd._peer.peer_uid`) is re
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import http.client
 import json
-import mmap
 import os
 import random
 import socket
-import stat
 import threading
 import time
 import urllib.parse
@@ -54,7 +52,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from ._buffers import Buffers
+from ._connection import Cancel, Cancelled, Endpoint, connect, parse_url
 from ._exceptions import (
     AuthError,
     NotFoundError,
@@ -63,12 +61,13 @@ from ._exceptions import (
     TooLargeError,
     TransportError,
     UnavailableError,
-    WireError,
 )
-from ._peer import is_loopback_host, peer_uid
+from ._peer import peer_uid
+from ._shm import ShmGone, map_shm_body
+from .buffers import Buffers
+from .wire import SHM_HEADER, SHM_MEDIA
 
 __all__ = [
-    "SHM_MEDIA",
     "Cancel",
     "Cancelled",
     "Endpoint",
@@ -84,140 +83,6 @@ _BACKOFF_CAP = 2.0
 _USER_AGENT = "batchd-client/1"
 #: What a dropped, reset, truncated or timed-out exchange raises; all of it is retried.
 _NETWORK_ERRORS = (OSError, http.client.HTTPException)
-SHM_MEDIA = "application/x-batchd-shm+json"
-_SHM_ROOT = "/dev/shm/"
-_SHM_HEADER = "X-Batchd-Shm"
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class Endpoint:
-    """One server address: ``http://host:port[/prefix]``, ``https://...`` or ``unix:///path``."""
-
-    url: str
-    scheme: str
-    host: str
-    port: int | None
-    prefix: str
-    unix_path: str | None = None
-    same_host: bool = False
-    """A unix socket or plain HTTP to a loopback address: shared-memory bodies may be asked for."""
-
-
-def parse_url(url: str) -> Endpoint:
-    """Parse a server URL, or ValueError naming what is wrong with it."""
-    if not isinstance(url, str) or not url:
-        raise ValueError(
-            f"server URL {url!r} must be a non-empty string like http://127.0.0.1:8000"
-        )
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme == "unix":
-        path = urllib.parse.unquote(parts.path)
-        if parts.netloc or not path.startswith("/"):
-            raise ValueError(
-                f"unix socket URL {url!r} must be absolute with three slashes: unix:///path/to.sock"
-            )
-        return Endpoint(
-            url=url,
-            scheme="unix",
-            host="localhost",
-            port=None,
-            prefix="",
-            unix_path=path,
-            same_host=True,
-        )
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(
-            f"server URL {url!r} is not supported: use http://host:port, https://host:port "
-            "or unix:///path/to.sock"
-        )
-    try:
-        port = parts.port
-    except ValueError as exc:
-        raise ValueError(f"server URL {url!r} has an invalid port") from exc
-    if parts.query or parts.fragment:
-        raise ValueError(f"server URL {url!r} must not carry a query or fragment")
-    return Endpoint(
-        url=url,
-        scheme=parts.scheme,
-        host=parts.hostname,
-        port=port,
-        prefix=parts.path.rstrip("/"),
-        same_host=parts.scheme == "http" and is_loopback_host(parts.hostname),
-    )
-
-
-class _UnixConnection(http.client.HTTPConnection):
-    """HTTP/1.1 over a unix domain socket."""
-
-    def __init__(self, path: str, timeout: float) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self._unix_path = path
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.settimeout(self.timeout)
-            sock.connect(self._unix_path)
-        except BaseException:
-            sock.close()
-            raise
-        self.sock = sock
-
-
-def _connect(ep: Endpoint, timeout: float) -> http.client.HTTPConnection:
-    conn: http.client.HTTPConnection
-    if ep.unix_path is not None:
-        conn = _UnixConnection(ep.unix_path, timeout)
-    elif ep.scheme == "https":
-        conn = http.client.HTTPSConnection(ep.host, ep.port, timeout=timeout)
-    else:
-        conn = http.client.HTTPConnection(ep.host, ep.port, timeout=timeout)
-    conn.connect()
-    if ep.unix_path is None:
-        # Requests are small and answered at once: Nagle would only add latency.
-        conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return conn
-
-
-class Cancelled(Exception):
-    """Raised inside a worker whose :class:`Cancel` fired; never reaches the caller."""
-
-
-class Cancel:
-    """Cancels the requests that registered with it, including reads already blocked.
-
-    ``cancel()`` sets the flag and shuts down every registered socket, so a thread
-    blocked in ``recv`` wakes up at once instead of waiting out its timeout.
-    """
-
-    def __init__(self) -> None:
-        self._event = threading.Event()
-        self._lock = threading.Lock()
-        self._socks: set[socket.socket] = set()
-
-    def is_set(self) -> bool:
-        return self._event.is_set()
-
-    def wait(self, seconds: float) -> bool:
-        return self._event.wait(seconds)
-
-    def register(self, sock: socket.socket) -> None:
-        with self._lock:
-            if self._event.is_set():
-                raise Cancelled
-            self._socks.add(sock)
-
-    def unregister(self, sock: socket.socket) -> None:
-        with self._lock:
-            self._socks.discard(sock)
-
-    def cancel(self) -> None:
-        with self._lock:
-            self._event.set()
-            socks, self._socks = self._socks, set()
-        for sock in socks:
-            with contextlib.suppress(OSError):  # already closed by its owner: nothing to wake
-                sock.shutdown(socket.SHUT_RDWR)
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,8 +91,15 @@ class Response:
 
     status: int
     headers: Mapping[str, str]
+    """Lower-case names."""
     body: NDArray[np.uint8]
     url: str
+    owner: int | None = None
+    """For a shared-memory answer: the uid of the server's user (the files' owner)."""
+
+    @property
+    def is_shm(self) -> bool:
+        return self.status == 200 and self.headers.get("content-type") == SHM_MEDIA
 
     def json(self) -> Any:
         try:
@@ -251,57 +123,6 @@ def _read_body(resp: http.client.HTTPResponse, buffers: Buffers) -> NDArray[np.u
             raise http.client.IncompleteRead(b"", length - pos)
         pos += n
     return buf
-
-
-class _ShmGone(Exception):
-    """The announced body file is gone or changed (evicted meanwhile): ask for the bytes."""
-
-
-def map_shm_body(payload: Any, url: str, owner: int) -> NDArray[np.uint8]:
-    """Map the body an ``application/x-batchd-shm+json`` answer names, copy-on-write.
-
-    ``owner``: the uid the file must belong to (the server's user, :func:`peer_uid`).
-    Raises :class:`_ShmGone` when the file is missing or not ``length`` bytes (the
-    server dropped it: ask again for the bytes), :class:`WireError` for an answer that
-    must never be mapped. The returned array keeps the mapping alive; no fd stays open.
-    """
-    if not isinstance(payload, dict):
-        raise WireError(f"{url}: shared-memory answer {payload!r:.200} is not a JSON object")
-    path, length = payload.get("path"), payload.get("length")
-    if not isinstance(path, str) or not isinstance(length, int) or isinstance(length, bool):
-        raise WireError(f"{url}: shared-memory answer {payload!r:.200} lacks path or length")
-    if length <= 0 or not path.startswith(_SHM_ROOT) or os.path.realpath(path) != path:
-        raise WireError(
-            f"{url}: refusing to map {path!r} ({length} bytes): a body must be a plain path "
-            f"under {_SHM_ROOT}; is this a batchd server?"
-        )
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise _ShmGone(path) from None
-    except PermissionError:
-        raise  # the caller stops asking for shared memory
-    except OSError as exc:  # ELOOP: a symlink; anything else we will not follow either
-        raise WireError(f"{url}: refusing to map {path!r}: {exc.strerror}") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_uid != owner:
-            raise WireError(
-                f"{url}: refusing to map {path!r}: not a regular file owned by the server "
-                f"(uid {owner})"
-            )
-        if st.st_size != length:
-            raise _ShmGone(path)
-        try:
-            # MAP_PRIVATE over a read-only fd: the server's pages, shared until written.
-            mm = mmap.mmap(
-                fd, length, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE
-            )
-        except OSError:
-            raise _ShmGone(path) from None  # out of address space or the like: the bytes
-    finally:
-        os.close(fd)
-    return np.frombuffer(mm, dtype=np.uint8)
 
 
 def _retry_after(headers: Mapping[str, str]) -> float:
@@ -424,7 +245,7 @@ class Transport:
             pool = self._health[i].pool
             if pool:
                 return pool.pop(), True
-        return _connect(self.endpoints[i], self.timeout), False
+        return connect(self.endpoints[i], self.timeout), False
 
     def _checkin(self, i: int, conn: http.client.HTTPConnection) -> None:
         with self._lock:
@@ -446,62 +267,78 @@ class Transport:
 
     # -- requests ---------------------------------------------------------------------
 
-    def _once(self, i: int, target: str, cancel: Cancel | None, shm: bool = False) -> Response:
+    def _once(self, i: int, target: str, cancel: Cancel | None, shm: bool) -> Response:
+        """One answer from endpoint ``i``; a shared-memory one comes back mapped.
+
+        A body file the server dropped meanwhile, or one this user may not open, is
+        asked for again as bytes (once, on the same endpoint).
+        """
         ep = self.endpoints[i]
-        shm = shm and self._shm and ep.same_host
-        headers = {**self._headers, _SHM_HEADER: "1"} if shm else self._headers
+        if not (shm and self._shm and ep.same_host):
+            return self._exchange(i, target, self._headers, cancel)
+        resp = self._exchange(i, target, {**self._headers, SHM_HEADER: "1"}, cancel)
+        if not resp.is_shm:
+            return resp
+        if resp.owner is None:  # whose files these are cannot be told: never map them
+            self._shm = False
+        else:
+            try:
+                return dataclasses.replace(resp, body=map_shm_body(resp.json(), ep.url, resp.owner))
+            except ShmGone:
+                pass  # evicted meanwhile: the bytes
+            except PermissionError:
+                self._shm = False  # another user's server: its files stay closed to us
+        return self._exchange(i, target, self._headers, cancel)
+
+    def _exchange(
+        self, i: int, target: str, headers: Mapping[str, str], cancel: Cancel | None
+    ) -> Response:
+        """One request and its whole response over a pooled connection to endpoint ``i``.
+
+        The seam for tests: :class:`batchd.testing.MockTransport` overrides this, so
+        retries, failover and shared-memory fallbacks above it run unchanged.
+        """
         conn, reused = self._checkout(i)
-        sock = conn.sock
-        if cancel is not None:
-            try:
-                cancel.register(sock)
-            except Cancelled:
-                conn.close()
-                raise
         try:
-            try:
-                conn.request("GET", target, headers=headers)
-                resp = conn.getresponse()
-            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
-                if not reused or (cancel is not None and cancel.is_set()):
-                    raise
-                # The server closed an idle keep-alive connection: a fresh one, no backoff.
-                conn.close()
-                if cancel is not None:
-                    cancel.unregister(sock)
-                conn = _connect(self.endpoints[i], self.timeout)
-                sock = conn.sock
-                if cancel is not None:
-                    cancel.register(sock)
-                conn.request("GET", target, headers=headers)
-                resp = conn.getresponse()
-            body = _read_body(resp, self._buffers)
-            is_shm = shm and resp.status == 200 and resp.getheader("content-type") == SHM_MEDIA
-            owner = self._owner(conn.sock) if is_shm else None
-        except BaseException:
-            conn.close()
-            raise
-        finally:
-            if cancel is not None:
-                cancel.unregister(sock)
+            resp, body = self._send(conn, target, headers, cancel)
+        except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
+            if not reused or (cancel is not None and cancel.is_set()):
+                raise
+            # The server closed an idle keep-alive connection: a fresh one, no backoff.
+            conn = connect(self.endpoints[i], self.timeout)
+            resp, body = self._send(conn, target, headers, cancel)
         got = {k.lower(): v for k, v in resp.getheaders()}
+        answer = Response(status=resp.status, headers=got, body=body, url=self.endpoints[i].url)
+        if answer.is_shm:
+            answer = dataclasses.replace(answer, owner=self._owner(conn.sock))
         if resp.will_close:
             conn.close()
         else:
             self._checkin(i, conn)
-        if is_shm:
-            result = Response(status=resp.status, headers=got, body=body, url=ep.url)
-            if owner is None:  # whose files these are cannot be told: never map them
-                self._shm = False
-                return self._once(i, target, cancel)
+        return answer
+
+    def _send(
+        self,
+        conn: http.client.HTTPConnection,
+        target: str,
+        headers: Mapping[str, str],
+        cancel: Cancel | None,
+    ) -> tuple[http.client.HTTPResponse, NDArray[np.uint8]]:
+        """GET ``target`` on ``conn`` and read the body; ``conn`` is closed on any error."""
+        sock = conn.sock
+        try:
+            if cancel is not None:
+                cancel.register(sock)
             try:
-                body = map_shm_body(result.json(), ep.url, owner)
-            except _ShmGone:
-                return self._once(i, target, cancel)  # evicted meanwhile: the bytes, once
-            except PermissionError:
-                self._shm = False  # another user's server: its files will stay closed to us
-                return self._once(i, target, cancel)
-        return Response(status=resp.status, headers=got, body=body, url=ep.url)
+                conn.request("GET", target, headers=dict(headers))
+                resp = conn.getresponse()
+                return resp, _read_body(resp, self._buffers)
+            finally:
+                if cancel is not None:
+                    cancel.unregister(sock)
+        except BaseException:
+            conn.close()
+            raise
 
     def get(
         self,

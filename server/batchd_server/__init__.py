@@ -1,7 +1,11 @@
-"""batchd_server: pack datasets into flat files and serve them as training batches."""
+"""batchd_server: pack datasets into flat files and serve them as training batches.
 
-from .format import Dataset, open_dataset, verify
-from .header import FORMAT_VERSION, FieldSpec
+The stages, in the order data moves through them (docs/architecture.md):
+:mod:`.pack` -> :mod:`.format` -> :mod:`.shuffle` -> :mod:`.augment` -> :mod:`.serve`
+-> ``batchd.wire`` -> the client.
+"""
+
+from .format import FORMAT_VERSION, Dataset, DatasetWriter, Encoded, FieldSpec, open_dataset, verify
 from .pack import (
     PackOptions,
     PackSummary,
@@ -11,7 +15,6 @@ from .pack import (
     pack_folder,
     pack_samples,
 )
-from .writer import DatasetWriter, Encoded
 
 __all__ = [
     "FORMAT_VERSION",

@@ -12,6 +12,10 @@ import click
 
 from batchd import BatchdError, __version__
 
+from .demo.cli import demo
+from .pack.cli import inspect_cmd, pack_cmd, verify_cmd
+from .serve.cli import serve
+
 __all__ = ["cli", "main"]
 
 
@@ -21,14 +25,14 @@ def cli() -> None:
     """batchd: pack datasets once, serve shuffled, augmented batches to many trainers."""
 
 
-# Subcommands live beside the code they drive; each module adds its own.
-# --- commands (one add_command line per module; keep sorted) ---
-cli.add_command(__import__("batchd_server.demo", fromlist=["demo"]).demo)
-cli.add_command(__import__("batchd_server.pack_cli", fromlist=["inspect_cmd"]).inspect_cmd)
-cli.add_command(__import__("batchd_server.pack_cli", fromlist=["pack_cmd"]).pack_cmd)
-cli.add_command(__import__("batchd_server.pack_cli", fromlist=["verify_cmd"]).verify_cmd)
-cli.add_command(__import__("batchd_server.serve_cli", fromlist=["serve"]).serve)
-# --- end commands ---
+# Subcommands live beside the code they drive. Each module imports its heavy
+# dependencies (OpenCV, FastAPI, the packer) inside the command, so --help stays quick
+# (tests/server/test_cli.py pins it).
+cli.add_command(demo)
+cli.add_command(inspect_cmd)
+cli.add_command(pack_cmd)
+cli.add_command(serve)
+cli.add_command(verify_cmd)
 
 
 def main(argv: list[str] | None = None) -> None:

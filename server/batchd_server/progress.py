@@ -21,7 +21,7 @@ class _Bar:
             self.inner.close()
 
 
-def _progress_bar(total: int, desc: str, unit: str, enabled: bool | None) -> _Bar:
+def progress_bar(total: int, desc: str, unit: str, enabled: bool | None) -> _Bar:
     """A tqdm bar on stderr; None means on when stderr is a TTY."""
     if enabled is None:
         enabled = sys.stderr.isatty()

@@ -55,10 +55,10 @@ from dataclasses import dataclass, field
 import numpy as np
 from numpy.typing import NDArray
 
+from batchd.wire import MAX_SEED, check_int
+
 __all__ = ["MAX_SEED", "EpochPlan", "mix64", "permutation", "uniforms"]
 
-#: Seeds and epochs are 0..MAX_SEED (they must fit a signed 64-bit integer on the wire).
-MAX_SEED = 2**63 - 1
 
 _M64 = 2**64 - 1
 _C1 = 0xBF58476D1CE4E5B9
@@ -171,13 +171,6 @@ def uniforms(
     return out
 
 
-def _check_int(name: str, value: int, lo: int, hi: int | None, hint: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer):
-        raise ValueError(f"{name} must be an int ({hint}), got {value!r}")
-    if value < lo or (hi is not None and value > hi):
-        raise ValueError(f"{name} must be {hint}, got {value}")
-
-
 @dataclass(frozen=True, kw_only=True)
 class EpochPlan:
     """How one rank walks one epoch: sample counts, padding and batch slicing.
@@ -203,16 +196,10 @@ class EpochPlan:
     dropped: int = field(init=False)
 
     def __post_init__(self) -> None:
-        _check_int("count", self.count, 0, None, ">= 0")
-        _check_int("batch_size", self.batch_size, 1, None, ">= 1")
-        _check_int("world_size", self.world_size, 1, None, ">= 1")
-        _check_int(
-            "rank",
-            self.rank,
-            0,
-            self.world_size - 1,
-            f"in 0..world_size-1 = 0..{self.world_size - 1}",
-        )
+        check_int("count", self.count, 0)
+        check_int("batch_size", self.batch_size, 1)
+        check_int("world_size", self.world_size, 1)
+        check_int("rank", self.rank, 0, self.world_size - 1)
         if not isinstance(self.shuffle, bool):
             raise ValueError(f"shuffle must be a bool, got {self.shuffle!r}")
         if not isinstance(self.drop_last, bool):

@@ -17,9 +17,10 @@ import xxhash
 from numpy.typing import NDArray
 
 from batchd import _transport
-from batchd._wire import decode
-from batchd_server.engine import BatchRequest, Engine, EngineConfig
-from batchd_server.registry import Registry
+from batchd.wire import decode_batch
+from batchd_server.serve.engine import Engine, EngineConfig
+from batchd_server.serve.registry import Registry
+from batchd_server.serve.request import BatchRequest
 
 
 def digest(fields: Mapping[str, NDArray[Any]]) -> str:
@@ -41,7 +42,7 @@ def reference(data: Path, requests: Iterable[BatchRequest]) -> dict[BatchRequest
         try:
             out = {}
             for req in todo:
-                batch = decode((await eng.batch(req)).body)
+                batch = decode_batch((await eng.batch(req)).body)
                 out[req] = digest({**batch.fields, "index": batch.index})
             return out
         finally:

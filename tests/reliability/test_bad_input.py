@@ -30,18 +30,18 @@ import pytest
 import xxhash
 from _common import Figures, summary
 
-from batchd_server import app as app_module
+from batchd_server.augment.ops import OPS
 from batchd_server.errors import FormatError
 from batchd_server.format import open_dataset, verify
-from batchd_server.header import HEADER_NAME, FieldSpec
-from batchd_server.ops import OPS
-from batchd_server.writer import DatasetWriter, Encoded
+from batchd_server.format.header import HEADER_NAME, FieldSpec
+from batchd_server.format.writer import DatasetWriter, Encoded
+from batchd_server.serve import app as app_module
 from serverproc import ServerProcess, free_port, tiny_pack
 
 pytestmark = pytest.mark.reliability
 
 TOKEN = "rel-token"
-_PREFIX = struct.Struct("<8sIIQ")
+PREFIX = struct.Struct("<8sIIQ")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -86,11 +86,11 @@ def _rewrite_header(pack: Path, mutate: Callable[[dict[str, Any]], None]) -> Non
     """Change the header JSON and re-seal it with a valid checksum (a lying, not torn, header)."""
     h = pack / HEADER_NAME
     raw = h.read_bytes()
-    magic, version, bom, n = _PREFIX.unpack_from(raw)
-    obj = json.loads(raw[_PREFIX.size : _PREFIX.size + n])
+    magic, version, bom, n = PREFIX.unpack_from(raw)
+    obj = json.loads(raw[PREFIX.size : PREFIX.size + n])
     mutate(obj)
     body = json.dumps(obj).encode()
-    head = _PREFIX.pack(magic, version, bom, len(body)) + body
+    head = PREFIX.pack(magic, version, bom, len(body)) + body
     h.write_bytes(head + struct.pack("<Q", xxhash.xxh3_64_intdigest(head)))
 
 

@@ -28,10 +28,10 @@ from _common import Figures, RetryCounter, digest, env_int, reference, summary, 
 from numpy.typing import NDArray
 
 from batchd import Client, _transport
-from batchd._wire import decode
+from batchd.wire import decode_batch
 from batchd_server.augment import Pipeline
-from batchd_server.engine import BatchRequest
 from batchd_server.format import open_dataset
+from batchd_server.serve.request import BatchRequest
 from batchd_server.shuffle import EpochPlan, permutation
 from serverproc import ServerProcess, tiny_pack
 
@@ -271,7 +271,7 @@ def test_sigterm_finishes_in_flight_requests(tmp_path: Path, figures: Figures) -
         data, [BatchRequest(dataset="wide", k=0, batch_size=WIDE_N, epoch=e) for e in range(4)]
     )
     for epoch, body in enumerate(bodies):
-        batch = decode(np.frombuffer(body, np.uint8))
+        batch = decode_batch(np.frombuffer(body, np.uint8))
         assert (
             digest({**batch.fields, "index": batch.index})
             == ref[BatchRequest(dataset="wide", k=0, batch_size=WIDE_N, epoch=epoch)]
@@ -367,7 +367,7 @@ def test_client_killed_mid_download_leaks_nothing(tmp_path: Path, figures: Figur
         with srv.client() as c:
             r = c.get("/v1/datasets/wide/batches/0", params={"batch_size": WIDE_N, "epoch": 99})
             assert r.status_code == 200
-        body = decode(np.frombuffer(r.content, np.uint8))
+        body = decode_batch(np.frombuffer(r.content, np.uint8))
         ref = reference(data, [BatchRequest(dataset="wide", k=0, batch_size=WIDE_N, epoch=99)])
         assert digest({**body.fields, "index": body.index}) == next(iter(ref.values()))
         fds1, rss1 = _settle(proc, fds0)
@@ -473,7 +473,7 @@ def test_pack_replaced_while_served(tmp_path: Path, figures: Figures) -> None:
     def check_swap(r: httpx.Response) -> str:
         if r.status_code != 200:
             return _typed(r, {(409, "dataset_changed"), (404, "dataset_unavailable")})
-        b = decode(np.frombuffer(r.content, np.uint8))
+        b = decode_batch(np.frombuffer(r.content, np.uint8))
         assert b.fingerprint in images
         np.testing.assert_array_equal(b.fields["image"], images[b.fingerprint][b.index])
         np.testing.assert_array_equal(b.fields["label"], b.index)
@@ -513,7 +513,7 @@ def test_pack_replaced_while_served(tmp_path: Path, figures: Figures) -> None:
 def test_pack_truncated_while_served(tmp_path: Path, figures: Figures, augment: str | None) -> None:
     """A data file truncated in place under load: typed errors or a clean re-open, never SIGBUS.
 
-    Both paths read through the memory map under a read lease (batchd_server.lease), so
+    Both paths read through the memory map under a read lease (batchd_server.format.lease), so
     each truncation first makes the server give the lease up and read with preadv until
     the pack is re-opened.
     """
@@ -535,7 +535,7 @@ def test_pack_truncated_while_served(tmp_path: Path, figures: Figures, augment: 
     def check_big(r: httpx.Response) -> str:
         if r.status_code != 200:
             return _typed(r, {(409, "dataset_changed"), (404, "dataset_unavailable")})
-        b = decode(np.frombuffer(r.content, np.uint8))
+        b = decode_batch(np.frombuffer(r.content, np.uint8))
         want = images[b.index]
         if augment is not None:  # the same pipeline run in-process over the intact images
             out = {name: np.empty_like(a) for name, a in b.fields.items()}

@@ -34,7 +34,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from batchd._wire import decode
+from batchd.wire import decode_batch
 from serverproc import ServerProcess, tiny_pack
 
 pytestmark = pytest.mark.reliability
@@ -53,7 +53,7 @@ CHECKS = [
 
 @schemathesis.deserializer("application/msgpack")
 def _msgpack(_ctx: DeserializationContext, response: Response) -> Any:
-    batch = decode(response.content)  # WireError (a failed check) if it is not a batch
+    batch = decode_batch(response.content)  # WireError (a failed check) if it is not a batch
     return {"dataset": batch.dataset, "epoch": batch.epoch, "batch": batch.batch}
 
 

@@ -1,0 +1,450 @@
+"""The pack format, version 1: its on-disk layout; open a dataset, verify it.
+
+A dataset is a directory; its name is the dataset's name::
+
+    NAME/
+    ├── batchd.header       magic, version, JSON (fields, count, checksums, ...), header checksum
+    ├── <field>.raw         fixed-shape field: count x shape x dtype, C-contiguous, from byte 0
+    ├── <field>.data        encoded field: the original JPEG/PNG bytes, back to back
+    ├── <field>.offsets     encoded field: int64 LE, count + 1 entries; sample i is data[o[i]:o[i+1]]
+    └── <field>.sizes       encoded field: int32 LE, count x 2 (height, width) of each decoded image
+
+``batchd.header`` (all integers little-endian)::
+
+    offset  size  content
+    0       8     magic b"\\x89BATCHD\\n"  (the \\x89 and \\n catch 7-bit and newline mangling)
+    8       4     uint32 format version (1)
+    12      4     uint32 byte-order mark 0x01020304 (reads 0x04030201 on a big-endian writer)
+    16      8     uint64 N, length of the JSON document
+    24      N     JSON, UTF-8: version, count, classes, fields, chunk_size, files, packing, skipped
+    24+N    8     uint64 xxh3_64 of bytes [0, 24+N)
+
+Data files hold nothing but data, so every array starts at byte 0 (page aligned)
+and ``np.memmap`` maps it with no copy. The header's ``files`` table gives, for each
+data file, its size, its xxh3_64 and the xxh3_64 of each ``chunk_size`` (8 MiB)
+chunk, all computed while writing; ``verify`` re-reads and names the first bad chunk.
+The fingerprint is xxh3_128 of the canonical JSON (sorted keys, no spaces) of
+``{version, count, classes, fields, chunk_size, files}``: it changes whenever any
+byte of data changes, and not when only the packing notes (source path, time) do.
+
+This module reads a dataset (:class:`Dataset`, :func:`open_dataset`) and checks it
+(:func:`verify`); the header's constants, :class:`FieldSpec` and the header reader are
+in :mod:`batchd_server.header`, writing is :mod:`batchd_server.writer`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import math
+import os
+import re
+import weakref
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import IO, Any, cast
+
+import numpy as np
+import xxhash
+from numpy.typing import NDArray
+
+from ..errors import FormatError, StaleError
+from ..progress import progress_bar
+from . import lease
+from .codec import decode_image
+from .header import (
+    HEADER_NAME,
+    MAX_BYTES,
+    RESERVED,
+    Encoding,
+    FieldSpec,
+    fingerprint_of,
+    read_header,
+)
+
+__all__ = [
+    "Dataset",
+    "open_dataset",
+    "verify",
+]
+
+log = logging.getLogger("batchd.format")
+
+_TEMP_MARK = re.compile(r"^\..+\.(tmp|old)-[0-9a-f]{8}$")
+
+
+class Dataset:
+    """An open, validated dataset: raw fields memory-mapped, encoded fields indexable.
+
+    Build it with :func:`open_dataset`. Arrays stay mapped for the Dataset's life;
+    call :meth:`check` before reading if the files could have changed since open.
+    """
+
+    def __init__(self, path: Path, header: dict[str, Any]) -> None:
+        self.path = path
+        self.name = path.name
+        self.header = header
+        self.count: int = header["count"]
+        self.classes: list[str] | None = header.get("classes")
+        self.fingerprint = fingerprint_of(header)
+        self.fields: dict[str, FieldSpec] = {}
+        self._files: dict[str, IO[bytes]] = {}
+        self._stats: dict[str, tuple[int, int, int]] = {}
+        self._maps: dict[str, np.ndarray[Any, Any]] = {}
+        self._lease: lease.Lease | None = None
+        self._no_lease = "not taken"
+        try:
+            self._open_all()
+            self._take_lease()
+        except BaseException:
+            self.close()
+            raise
+
+    def _open_all(self) -> None:
+        hpath = self.path / HEADER_NAME
+        names: list[str] = []
+        for obj in self.header["fields"]:
+            try:
+                spec = FieldSpec.from_json(obj)
+            except (ValueError, TypeError) as exc:
+                raise FormatError(hpath, f"bad field entry: {exc}") from None
+            if spec.name in self.fields:
+                raise FormatError(hpath, f"field {spec.name!r} is declared twice")
+            if spec.name in RESERVED:
+                raise FormatError(hpath, f"field name {spec.name!r} is reserved for sample ids")
+            self.fields[spec.name] = spec
+            names.extend(spec.files())
+        if sorted(names) != sorted(self.header["files"]):
+            raise FormatError(
+                hpath,
+                f"the files table {sorted(self.header['files'])} does not match the fields {sorted(names)}",
+            )
+        n = self.count
+        for spec in self.fields.values():
+            if spec.encoding == "raw":
+                assert spec.shape is not None
+                fname = spec.files()[0]
+                self._map(fname, spec.dtype, (n, *spec.shape))
+                continue
+            data, offs, sizes = spec.files()
+            # Small index files are read into memory, not mapped: the server then never
+            # touches a mapping of them (see _read_at on why mappings are dangerous).
+            o = self._map(offs, np.dtype("<i8"), (n + 1,), load=True)
+            dsize = self.header["files"][data]["size"]
+            if o[0] != 0 or o[-1] != dsize:
+                raise FormatError(
+                    self.path / offs,
+                    f"offsets run from {o[0]} to {o[-1]}, not from 0 to the data size {dsize}",
+                )
+            steps = np.diff(o)
+            if (steps < 0).any():
+                i = int(np.argmax(steps < 0))
+                raise FormatError(
+                    self.path / offs, f"offsets decrease at sample {i} ({o[i]} > {o[i + 1]})"
+                )
+            self._map(data, np.dtype("u1"), (dsize,))
+            s = self._map(sizes, np.dtype("<i4"), (n, 2), load=True)
+            if (s <= 0).any():
+                raise FormatError(self.path / sizes, "an image size is zero or negative")
+
+    def _take_lease(self) -> None:
+        mapped = [
+            self._files[f].fileno() for f, a in self._maps.items() if isinstance(a, np.memmap)
+        ]
+        if not mapped:
+            self._no_lease = "nothing is mapped"
+            return
+        got = lease.take(mapped, str(self.path))
+        if isinstance(got, str):
+            self._no_lease = got
+            if lease.enabled():
+                log.info("%s: %s; samples are read with preadv (slower, as safe)", self.path, got)
+            return
+        # A file shrunk after _map checked its size and before the lease would be read
+        # past its end: with the lease held, sizes can no longer change, so check now.
+        for fname, f in self._files.items():
+            if os.fstat(f.fileno()).st_size != self._stats[fname][2]:
+                got.release(f"{fname} changed size while the dataset was opened")
+                break
+        self._lease = got
+        # A replaced dataset is dropped, not closed (batches may still be reading it):
+        # give its lease and file duplicates back when it is collected.
+        weakref.finalize(self, got.release, "the dataset was closed")
+
+    @property
+    def reads(self) -> str:
+        """How samples are read now: ``mapped (read lease)`` or ``preadv (why not mapped)``."""
+        if self._lease is not None and self._lease.held:
+            return "mapped (read lease)"
+        if self._lease is not None:
+            return f"preadv ({self._lease.why})"
+        return f"preadv ({self._no_lease})"
+
+    @contextlib.contextmanager
+    def mapped(self) -> Iterator[bool]:
+        """True if :meth:`array` may be read directly until the block ends.
+
+        That holds while a read lease is held (see batchd_server.lease): no process
+        can then shrink the files, so reading the mapping cannot SIGBUS. Otherwise
+        read with :meth:`read_rows` / :meth:`read_row`. Keep blocks short: a writer
+        waits for them to end.
+        """
+        if self._lease is None:
+            yield False
+            return
+        with self._lease.hold() as ok:
+            yield ok
+
+    def _map(
+        self, fname: str, dtype: np.dtype[Any], shape: tuple[int, ...], *, load: bool = False
+    ) -> np.ndarray[Any, Any]:
+        fpath = self.path / fname
+        want = math.prod(shape) * dtype.itemsize
+        if want > MAX_BYTES:
+            raise FormatError(fpath, f"the header implies {want} bytes, which no file can hold")
+        if self.header["files"][fname]["size"] != want:
+            raise FormatError(
+                self.path / HEADER_NAME,
+                f"{fname}: the files table says {self.header['files'][fname]['size']} bytes, the fields imply {want}",
+            )
+        try:
+            f = open(fpath, "rb")  # noqa: SIM115 - kept open for check()
+        except FileNotFoundError:
+            raise FormatError(fpath, "missing: the dataset is incomplete; repack it") from None
+        except OSError as exc:
+            raise FormatError(fpath, f"cannot be opened: {exc.strerror}") from None
+        self._files[fname] = f
+        st = os.fstat(f.fileno())
+        self._stats[fname] = (st.st_dev, st.st_ino, st.st_size)
+        if st.st_size != want:
+            raise FormatError(
+                fpath, f"is {st.st_size} bytes, the header implies {want} (truncated or replaced)"
+            )
+        arr: np.ndarray[Any, Any]
+        if want == 0:
+            arr = np.zeros(shape, dtype)
+        elif load:
+            arr = np.empty(shape, dtype)
+            self._read_at(fname, arr.reshape(-1).view(np.uint8).data, 0)
+        else:
+            arr = np.memmap(f, dtype=dtype, mode="r", shape=shape)
+        self._maps[fname] = arr
+        return arr
+
+    def _spec(self, name: str, encoding: Encoding) -> FieldSpec:
+        spec = self.fields.get(name)
+        if spec is None:
+            raise KeyError(
+                f"dataset {self.name!r} has no field {name!r} (fields: {sorted(self.fields)})"
+            )
+        if spec.encoding != encoding:
+            raise ValueError(f"field {name!r} is {spec.encoding}-encoded, not {encoding}")
+        return spec
+
+    def array(self, name: str) -> np.ndarray[Any, Any]:
+        """A raw field as a read-only ``np.memmap`` of shape ``(count, *shape)``."""
+        spec = self._spec(name, "raw")
+        return self._maps[spec.files()[0]]
+
+    # --- reads that cannot SIGBUS (the server's path) ----------------------------
+    # Touching a mapped page past the end of a file truncated since it was mapped is a
+    # SIGBUS, which kills the whole server; check() narrows the window but cannot close
+    # it. The server reads the mappings only inside mapped(), while a read lease stops
+    # anyone from shrinking the files. Otherwise it reads with os.preadv into its own
+    # buffers, where a truncation is a short read, reported as StaleError.
+
+    def _read_at(self, fname: str, buf: memoryview, offset: int) -> None:
+        """Fill ``buf`` from ``fname`` at ``offset``; StaleError on a short read."""
+        f = self._files.get(fname)
+        if f is None:
+            raise FormatError(self.path, "the dataset is closed")
+        want = len(buf)
+        done = 0
+        while done < want:
+            try:
+                n = os.preadv(f.fileno(), [buf[done:]], offset + done)
+            except (OSError, ValueError) as exc:  # ValueError: closed by another thread
+                raise StaleError(
+                    self.path / fname, f"read at byte {offset + done} failed: {exc}"
+                ) from None
+            if n == 0:
+                raise StaleError(
+                    self.path / fname,
+                    f"short read at byte {offset + done} ({done} of {want} bytes): the file was "
+                    "truncated since it was opened; reopen the dataset",
+                )
+            done += n
+
+    def read_rows(self, name: str, ids: NDArray[np.integer], out: NDArray[Any]) -> None:
+        """Copy samples ``ids`` of raw field ``name`` into ``out`` (C-contiguous ``(len(ids), *shape)``).
+
+        Consecutive ids are read with one call; a truncated file is a StaleError.
+        """
+        spec = self._spec(name, "raw")
+        assert spec.shape is not None
+        if out.shape != (len(ids), *spec.shape) or out.dtype != spec.dtype:
+            raise ValueError(
+                f"out is {out.dtype} {out.shape}, field {name!r} needs {spec.dtype} {(len(ids), *spec.shape)}"
+            )
+        if not out.flags.c_contiguous:
+            raise ValueError("out must be C-contiguous")
+        if len(ids) == 0:
+            return
+        if int(ids.min()) < 0 or int(ids.max()) >= self.count:
+            raise IndexError(f"sample ids out of range for {self.count} samples")
+        row = spec.dtype.itemsize * math.prod(spec.shape)
+        flat = out.reshape(-1).view(np.uint8).data
+        fname = spec.files()[0]
+        # Runs of consecutive ids (natural order) become one read each.
+        starts = [0, *(np.flatnonzero(np.diff(ids) != 1) + 1).tolist(), len(ids)]
+        for a, b in itertools.pairwise(starts):
+            self._read_at(fname, flat[a * row : b * row], int(ids[a]) * row)
+
+    def read_row(self, name: str, i: int, out: NDArray[Any] | None = None) -> NDArray[Any]:
+        """Sample ``i`` of raw field ``name``, read into ``out`` (or a fresh array) and returned.
+
+        Never a view of the mapping. Pass a reused ``out`` on hot paths: a fresh 200 KB
+        array per sample costs more (allocation and page faults) than the read itself.
+        """
+        spec = self._spec(name, "raw")
+        assert spec.shape is not None
+        i = self._index(i)
+        if out is None:
+            out = np.empty(spec.shape, spec.dtype)
+        elif out.shape != spec.shape or out.dtype != spec.dtype or not out.flags.c_contiguous:
+            raise ValueError(f"out must be C-contiguous {spec.dtype} {spec.shape}")
+        row = out.nbytes
+        self._read_at(spec.files()[0], out.reshape(-1).view(np.uint8).data, i * row)
+        return out
+
+    def _index(self, i: int) -> int:
+        if not -self.count <= i < self.count:
+            raise IndexError(f"sample {i} out of range for {self.count} samples")
+        return i % self.count
+
+    def encoded(self, name: str, i: int) -> memoryview:
+        """The stored bytes of sample ``i`` of an encoded field (a fresh copy, read with pread)."""
+        spec = self._spec(name, "image")
+        data, offs, _ = spec.files()
+        i = self._index(i)
+        o = self._maps[offs]  # in memory (loaded at open)
+        buf = memoryview(bytearray(int(o[i + 1]) - int(o[i])))
+        self._read_at(data, buf, int(o[i]))
+        return buf
+
+    def sizes(self, name: str) -> NDArray[np.int32]:
+        """``(count, 2)`` heights and widths of an encoded field's decoded images."""
+        return cast("NDArray[np.int32]", self._maps[self._spec(name, "image").files()[2]])
+
+    def image(self, name: str, i: int) -> NDArray[np.uint8]:
+        """Sample ``i`` of an encoded field, decoded: RGB ``HxWx3`` or ``HxW`` (masks)."""
+        spec = self._spec(name, "image")
+        i = self._index(i)
+        img = decode_image(self.encoded(name, i), spec.channels or 3)
+        if img is None or img.shape[:2] != tuple(self.sizes(name)[i]):
+            raise FormatError(
+                self.path / spec.files()[0],
+                f"field {name!r} sample {i} does not decode to the recorded size; run `batchd verify`",
+            )
+        return img
+
+    def check(self) -> None:
+        """Raise FormatError if any file was truncated or replaced since open (fstat only).
+
+        Reading a mapped page past a truncated file's end is a SIGBUS; this is
+        the guard the server runs before it touches the mappings.
+        """
+        if not self._files:
+            raise FormatError(self.path, "the dataset is closed")
+        for fname, f in self._files.items():
+            dev, ino, size = self._stats[fname]
+            st = os.fstat(f.fileno())
+            if st.st_size != size:
+                raise FormatError(
+                    self.path / fname,
+                    f"changed size since open ({size} -> {st.st_size} bytes); reopen",
+                )
+            try:
+                now = os.stat(self.path / fname)
+            except OSError:
+                raise FormatError(
+                    self.path / fname, "removed since open; reopen the dataset"
+                ) from None
+            if (now.st_dev, now.st_ino) != (dev, ino):
+                raise FormatError(
+                    self.path / fname, "replaced since open (new inode); reopen the dataset"
+                )
+
+    def close(self) -> None:
+        """Drop the mappings and close the files (arrays handed out stay valid until freed)."""
+        if self._lease is not None:
+            self._lease.release("the dataset was closed")
+        self._maps.clear()
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
+
+    def __enter__(self) -> Dataset:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Dataset({str(self.path)!r}, count={self.count}, fields={list(self.fields)})"
+
+
+def open_dataset(path: str | Path) -> Dataset:
+    """Open and validate a dataset directory; FormatError naming the bad file otherwise.
+
+    Checks magic, version, header checksum, each file's presence and exact size,
+    and encoded fields' offsets (from 0, monotonic, to the data size). Data
+    checksums are :func:`verify`'s job (a full read).
+    """
+    p = Path(path)
+    if _TEMP_MARK.match(p.name):
+        raise FormatError(p, "an unfinished pack's temporary directory, not a dataset; delete it")
+    if not p.is_dir():
+        raise FormatError(p, "not a directory (a dataset is a directory made by `batchd pack`)")
+    return Dataset(p, read_header(p))
+
+
+def verify(path: str | Path, *, progress: bool = False) -> None:
+    """Re-read every data file and compare each chunk's checksum; FormatError on the first bad one."""
+    with open_dataset(path) as ds:
+        chunk = ds.header["chunk_size"]
+        files = ds.header["files"]
+        total = sum(rec["size"] for rec in files.values())
+        bar = progress_bar(total, "verify", "B", progress)
+        try:
+            for fname in sorted(files):
+                _verify_file(ds.path / fname, files[fname], chunk, bar.update)
+        finally:
+            bar.close()
+
+
+def _verify_file(fpath: Path, rec: Mapping[str, Any], chunk: int, advance: Any) -> None:
+    whole = xxhash.xxh3_64()
+    n = len(rec["chunks"])
+    # Plain reads, not the mapping: a file truncated under us is a short read, never a SIGBUS.
+    with open(fpath, "rb") as f:
+        for k, want in enumerate(rec["chunks"]):
+            lo = k * chunk
+            hi = min(lo + chunk, rec["size"])
+            buf = f.read(hi - lo)
+            if len(buf) != hi - lo:
+                raise FormatError(fpath, f"chunk {k}/{n} (bytes {lo}-{hi}) is short: truncated")
+            if xxhash.xxh3_64_hexdigest(buf) != want:
+                raise FormatError(
+                    fpath,
+                    f"chunk {k}/{n} (bytes {lo}-{hi}) does not match its checksum: corrupt; repack the dataset",
+                )
+            whole.update(buf)
+            advance(len(buf))
+        if f.read(1):
+            raise FormatError(fpath, f"longer than the {rec['size']} bytes the header records")
+    if whole.hexdigest() != rec["xxh3_64"]:
+        raise FormatError(
+            fpath, "whole-file checksum mismatch (chunks agree): corrupt header entry"
+        )

@@ -1,0 +1,25 @@
+"""Packing: sources (folder trees, CSVs, arrays, samples) decoded and written as a pack.
+
+``batchd pack`` is :mod:`batchd_server.pack.cli`; the work is :mod:`.packer`, reading
+and checking the inputs :mod:`.sources`, decoding and resizing :mod:`.decode`.
+"""
+
+from .packer import (
+    PackOptions,
+    PackSummary,
+    pack,
+    pack_arrays,
+    pack_csv,
+    pack_folder,
+    pack_samples,
+)
+
+__all__ = [
+    "PackOptions",
+    "PackSummary",
+    "pack",
+    "pack_arrays",
+    "pack_csv",
+    "pack_folder",
+    "pack_samples",
+]

@@ -1,0 +1,174 @@
+"""``batchd pack``, ``batchd inspect`` and ``batchd verify``.
+
+Commands raise BatchdError subclasses (PackError, FormatError, ConfigError);
+``cli.main`` turns them into ``error: ...`` on stderr and exit status 1.
+The packer and OpenCV are imported inside the commands so ``batchd --help`` stays quick.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ..errors import ConfigError
+
+__all__ = ["inspect_cmd", "pack_cmd", "verify_cmd"]
+
+
+def _parse_size(
+    ctx: click.Context, param: click.Parameter, value: str | None
+) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", value)
+    if not m:
+        raise click.BadParameter(f"{value!r}: give HEIGHTxWIDTH, e.g. 64x64")
+    return int(m.group(1)), int(m.group(2))
+
+
+@click.command("pack")
+@click.argument("source", type=click.Path(exists=True, path_type=Path))
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option(
+    "--mode",
+    type=click.Choice(["raw", "encoded"]),
+    default="raw",
+    show_default=True,
+    help="raw: decode once to fixed-size pixels (fastest to serve); encoded: keep the original bytes, any size.",
+)
+@click.option(
+    "--size",
+    metavar="HxW",
+    callback=_parse_size,
+    help="raw mode: bring every image to this size. Default: the first image's size (others refused).",
+)
+@click.option(
+    "--resize-policy",
+    type=click.Choice(["resize", "center-crop", "letterbox"]),
+    default="resize",
+    show_default=True,
+    help="How --size is reached; masks always use nearest-neighbour.",
+)
+@click.option(
+    "--mask-column", metavar="COLUMN", help="CSV source: the column of mask paths (field 'mask')."
+)
+@click.option(
+    "--on-error",
+    type=click.Choice(["stop", "skip"]),
+    default="stop",
+    show_default=True,
+    help="A bad image: stop, or skip it and record it in the dataset.",
+)
+@click.option(
+    "--workers", type=click.IntRange(min=1), help="Decode threads (default: one per core)."
+)
+@click.option(
+    "--overwrite", is_flag=True, help="Replace OUT if it is an existing dataset (atomically)."
+)
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def pack_cmd(
+    source: Path,
+    out: Path,
+    mode: str,
+    size: tuple[int, int] | None,
+    resize_policy: str,
+    mask_column: str | None,
+    on_error: str,
+    workers: int | None,
+    overwrite: bool,
+    quiet: bool,
+) -> None:
+    """Pack SOURCE (an image-folder tree or a .csv) into the dataset directory OUT.
+
+    \b
+    A folder tree: one subfolder per class -> fields image + label (int64).
+    A CSV: an image path column (image, path or filename), optional --mask-column,
+    every other column a numeric target; paths are relative to the CSV's folder.
+    """
+    from .packer import PackOptions, pack
+
+    if size is not None and mode != "raw":
+        raise ConfigError(
+            "--size applies to --mode raw only; encoded mode keeps each image's own size"
+        )
+    options = PackOptions(
+        mode=mode,  # type: ignore[arg-type]  # click.Choice checked it
+        size=size,
+        resize_policy=resize_policy,  # type: ignore[arg-type]
+        on_error=on_error,  # type: ignore[arg-type]
+        overwrite=overwrite,
+        workers=workers,
+        progress=False if quiet else None,
+    )
+    summary = pack(source, out, mask_column=mask_column, options=options)
+    click.echo(str(summary))
+
+
+def _describe(path: Path) -> dict[str, Any]:
+    from ..format import open_dataset
+
+    with open_dataset(path) as ds:
+        return {
+            "path": str(ds.path),
+            "name": ds.name,
+            "count": ds.count,
+            "fingerprint": ds.fingerprint,
+            "bytes": sum(p.stat().st_size for p in ds.path.iterdir() if p.is_file()),
+            "classes": ds.classes,
+            "fields": [f.to_json() for f in ds.fields.values()],
+            "packing": ds.header["packing"],
+            "skipped": ds.header["skipped"],
+        }
+
+
+@click.command("inspect")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the description as JSON.")
+def inspect_cmd(path: Path, as_json: bool) -> None:
+    """Describe the dataset at PATH: count, fields, classes, size, fingerprint, how it was packed."""
+    info = _describe(path)
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    lines = [
+        f"dataset      {info['name']}  ({info['path']})",
+        f"samples      {info['count']:,}",
+        f"on disk      {info['bytes']:,} bytes",
+        f"fingerprint  {info['fingerprint']}",
+        "fields",
+    ]
+    for f in info["fields"]:
+        shape = "variable (encoded image)" if f["shape"] is None else tuple(f["shape"])
+        lines.append(
+            f"  {f['name']:<14} {f['dtype']:<5} {shape!s:<26} role={f['role']} encoding={f['encoding']}"
+        )
+    if info["classes"] is not None:
+        shown = ", ".join(info["classes"][:20]) + (" ..." if len(info["classes"]) > 20 else "")
+        lines.append(f"classes      {len(info['classes'])}: {shown}")
+    packing = ", ".join(f"{k}={v}" for k, v in info["packing"].items() if v is not None)
+    lines.append(f"packed       {packing}")
+    lines.append(f"skipped      {len(info['skipped'])}")
+    lines.extend(f"  {s['source']}: {s['reason']}" for s in info["skipped"][:10])
+    if len(info["skipped"]) > 10:
+        lines.append(f"  ... {len(info['skipped']) - 10} more (--json lists all)")
+    click.echo("\n".join(lines))
+
+
+@click.command("verify")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def verify_cmd(path: Path, quiet: bool) -> None:
+    """Re-read every file of the dataset at PATH against its checksums (exit 1 names the bad chunk)."""
+    import sys
+
+    from ..format import open_dataset, verify
+
+    verify(path, progress=False if quiet else sys.stderr.isatty())
+    with open_dataset(path) as ds:
+        click.echo(
+            f"ok: {ds.name}: {ds.count:,} samples, {len(ds.header['files'])} data files, fingerprint {ds.fingerprint}"
+        )

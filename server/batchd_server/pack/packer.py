@@ -1,0 +1,460 @@
+"""The packer: image folders, CSVs, numpy arrays and sample iterables into a dataset.
+
+Images are decoded in a thread pool (OpenCV releases the GIL), in blocks, and
+written in input order as each block completes, so memory holds a few blocks,
+never the dataset. Everything that can be checked before decoding (empty input,
+missing columns, non-numeric targets, bad options) is, so a long pack does not
+fail at the end for a reason it could have given at the start.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from numpy.typing import NDArray
+
+from ..errors import ConfigError, PackError
+from ..format import HEADER_NAME, DatasetWriter, FieldSpec, Role, le_dtype, open_dataset
+from ..progress import progress_bar
+from .decode import Block, Job, Mode, Policy, decode_block, probe_size
+from .sources import (
+    Inputs,
+    check_labels,
+    convert_sample,
+    dtype_of,
+    read_csv,
+    scan_folder,
+    spec_for,
+)
+
+__all__ = [
+    "PackOptions",
+    "PackSummary",
+    "pack",
+    "pack_arrays",
+    "pack_csv",
+    "pack_folder",
+    "pack_samples",
+]
+
+OnError = Literal["stop", "skip"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class PackOptions:
+    """How to pack image inputs (folders, CSVs). Validated on creation (ConfigError).
+
+    ``size`` is (height, width) for ``mode="raw"``; None takes the first image's size
+    and refuses images of another size. ``progress`` None means: a bar when stderr is
+    a TTY. ``workers`` None means one decode thread per core.
+    """
+
+    mode: Mode = "raw"
+    size: tuple[int, int] | None = None
+    resize_policy: Policy = "resize"
+    on_error: OnError = "stop"
+    overwrite: bool = False
+    workers: int | None = None
+    progress: bool | None = None
+    block: int = 128
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("raw", "encoded"):
+            raise ConfigError(f"mode {self.mode!r}: use raw or encoded")
+        if self.resize_policy not in ("resize", "center-crop", "letterbox"):
+            raise ConfigError(
+                f"resize_policy {self.resize_policy!r}: use resize, center-crop or letterbox"
+            )
+        if self.on_error not in ("stop", "skip"):
+            raise ConfigError(f"on_error {self.on_error!r}: use stop or skip")
+        if self.size is not None:
+            if self.mode != "raw":
+                raise ConfigError(
+                    "size (--size) applies to mode raw only; encoded mode keeps every image's own size"
+                )
+            if len(self.size) != 2 or not all(
+                isinstance(d, int) and 0 < d <= 65535 for d in self.size
+            ):
+                raise ConfigError(f"size {self.size!r}: give (height, width), each 1..65535")
+        if self.workers is not None and self.workers < 1:
+            raise ConfigError(f"workers {self.workers}: at least 1")
+        if self.block < 1:
+            raise ConfigError(f"block {self.block}: at least 1")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PackSummary:
+    """What a pack produced; ``str()`` is the one-paragraph summary the CLI prints."""
+
+    path: Path
+    count: int
+    fields: dict[str, FieldSpec]
+    bytes: int
+    fingerprint: str
+    skipped: list[dict[str, Any]]
+    seconds: float
+
+    def __str__(self) -> str:
+        fields = ", ".join(
+            f"{f.name} ({'encoded ' + ('RGB' if f.channels == 3 else 'gray') if f.encoding == 'image' else f'{f.dtype} {f.shape}'}, {f.role})"
+            for f in self.fields.values()
+        )
+        rate = self.count / self.seconds if self.seconds > 0 else float("inf")
+        text = (
+            f"Packed {self.count:,} samples into {self.path} in {self.seconds:.1f} s ({rate:,.0f}/s). "
+            f"Fields: {fields}. {_human(self.bytes)} on disk. Fingerprint {self.fingerprint}. "
+        )
+        if not self.skipped:
+            return text + "Nothing skipped."
+        shown = "; ".join(f"{s['source']}: {s['reason']}" for s in self.skipped[:5])
+        more = (
+            f" and {len(self.skipped) - 5} more (batchd inspect --json lists all)"
+            if len(self.skipped) > 5
+            else ""
+        )
+        return text + f"Skipped {len(self.skipped)}: {shown}{more}."
+
+
+def _human(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} TiB"
+
+
+def _summary(path: Path, started: float) -> PackSummary:
+    with open_dataset(path) as ds:
+        size = sum(p.stat().st_size for p in path.iterdir())
+        return PackSummary(
+            path=path,
+            count=ds.count,
+            fields=dict(ds.fields),
+            bytes=size,
+            fingerprint=ds.fingerprint,
+            skipped=list(ds.header["skipped"]),
+            seconds=time.perf_counter() - started,
+        )
+
+
+def _packing(kind: str, source: object, started: float, **extra: Any) -> dict[str, Any]:
+    return {
+        "kind": kind,
+        "source": None if source is None else str(source),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "seconds": round(time.perf_counter() - started, 3),
+        **extra,
+    }
+
+
+# --------------------------------------------------------------------------- image inputs
+
+
+def _pack_inputs(out: Path, inputs: Inputs, source: Path, opts: PackOptions) -> PackSummary:
+    import cv2
+
+    started = time.perf_counter()
+    rows = inputs.rows
+    masks = any(r.mask is not None for r in rows)
+    size, by_first = opts.size, False
+    if opts.mode == "raw" and size is None:
+        size, by_first = probe_size(rows), True
+    job = Job(opts.mode, size, by_first, opts.resize_policy, masks)
+    fields = _image_fields(job)
+    for name, arr in inputs.values.items():
+        fields.append(
+            FieldSpec(
+                name=name, dtype=arr.dtype, shape=(), role="value", encoding="raw", channels=None
+            )
+        )
+    workers = opts.workers or os.cpu_count() or 1
+    threads = cv2.getNumThreads()
+    # Parallelism comes from our threads; OpenCV's own pool on top only oversubscribes the cores.
+    cv2.setNumThreads(1)
+    bar = progress_bar(len(rows), "pack", "img", opts.progress)
+    try:
+        with (
+            DatasetWriter(out, fields, classes=inputs.classes, overwrite=opts.overwrite) as writer,
+            ThreadPoolExecutor(workers, thread_name_prefix="batchd-pack") as pool,
+        ):
+            pending: deque[tuple[int, Future[Block]]] = deque()
+            starts = iter(range(0, len(rows), opts.block))
+            try:
+                for start in starts:
+                    pending.append(
+                        (start, pool.submit(decode_block, rows[start : start + opts.block], job))
+                    )
+                    # A bounded window: decode ahead of the writer, never the whole input in RAM.
+                    if len(pending) >= 2 * workers:
+                        bar.update(_write_block(writer, inputs, *pending.popleft(), opts))
+                while pending:
+                    bar.update(_write_block(writer, inputs, *pending.popleft(), opts))
+            except BaseException:
+                for _, fut in pending:
+                    fut.cancel()
+                raise
+            extra = {
+                "mode": opts.mode,
+                "size": None if size is None else list(size),
+                "size_from": "first image" if by_first else ("--size" if size else None),
+                "resize_policy": opts.resize_policy if opts.mode == "raw" else None,
+                "on_error": opts.on_error,
+                **inputs.extra,
+            }
+            writer.commit(_packing(inputs.kind, source, started, **extra))
+    finally:
+        bar.close()
+        cv2.setNumThreads(threads)
+    return _summary(writer.out, started)
+
+
+def _image_fields(job: Job) -> list[FieldSpec]:
+    u1 = np.dtype("u1")
+    if job.mode == "encoded":
+        out = [
+            FieldSpec(
+                name="image", dtype=u1, shape=None, role="image", encoding="image", channels=3
+            )
+        ]
+        if job.masks:
+            out.append(
+                FieldSpec(
+                    name="mask", dtype=u1, shape=None, role="mask", encoding="image", channels=1
+                )
+            )
+        return out
+    assert job.size is not None
+    h, w = job.size
+    out = [
+        FieldSpec(name="image", dtype=u1, shape=(h, w, 3), role="image", encoding="raw", channels=3)
+    ]
+    if job.masks:
+        out.append(
+            FieldSpec(name="mask", dtype=u1, shape=(h, w), role="mask", encoding="raw", channels=1)
+        )
+    return out
+
+
+def _write_block(
+    writer: DatasetWriter, inputs: Inputs, start: int, fut: Future[Block], opts: PackOptions
+) -> int:
+    """Write one decoded block in input order; returns how many inputs it covered."""
+    b = fut.result()
+    k = len(b.ok)
+    for j in sorted(b.errors):
+        row = inputs.rows[start + j]
+        if opts.on_error == "stop":
+            raise PackError(
+                f"{row.image} ({row.where}): {b.errors[j]}. Fix or remove it, or pass --on-error skip to pack the rest"
+            )
+        writer.skip(str(row.image), b.errors[j], start + j)
+    keep = np.flatnonzero(b.ok)
+    if keep.size == 0:
+        return k
+    block: dict[str, Any] = {}
+    if opts.mode == "raw":
+        block["image"] = b.images if keep.size == k else b.images[keep]
+        if b.masks is not None:
+            block["mask"] = b.masks if keep.size == k else b.masks[keep]
+    else:
+        block["image"] = [b.images[j] for j in keep]
+        if b.masks is not None:
+            block["mask"] = [b.masks[j] for j in keep]
+    for name, arr in inputs.values.items():
+        block[name] = arr[start : start + k][keep]
+    writer.append_block(block, int(keep.size))
+    return k
+
+
+def pack_folder(
+    source: str | Path, out: str | Path, *, options: PackOptions | None = None
+) -> PackSummary:
+    """An image-folder tree (one subfolder per class) into fields ``image`` and int64 ``label``."""
+    src = Path(source)
+    if not src.is_dir():
+        raise PackError(f"{src}: not a directory")
+    opts = options or PackOptions()
+    _check_out(Path(out), src, opts.overwrite)
+    return _pack_inputs(Path(out), scan_folder(src), src, opts)
+
+
+def pack_csv(
+    source: str | Path,
+    out: str | Path,
+    *,
+    mask_column: str | None = None,
+    options: PackOptions | None = None,
+) -> PackSummary:
+    """A CSV: an image path column, an optional mask column, other columns numeric targets."""
+    src = Path(source)
+    opts = options or PackOptions()
+    _check_out(Path(out), src, opts.overwrite)
+    return _pack_inputs(Path(out), read_csv(src, mask_column), src, opts)
+
+
+def pack(
+    source: str | Path,
+    out: str | Path,
+    *,
+    mask_column: str | None = None,
+    options: PackOptions | None = None,
+) -> PackSummary:
+    """Pack a folder tree or a ``.csv`` (what ``batchd pack SOURCE OUT`` does)."""
+    src = Path(source)
+    if src.is_dir():
+        if mask_column is not None:
+            raise ConfigError("--mask-column applies to a CSV source, not an image folder")
+        return pack_folder(src, out, options=options)
+    if src.is_file() and src.suffix.lower() == ".csv":
+        return pack_csv(src, out, mask_column=mask_column, options=options)
+    if not src.exists():
+        raise PackError(f"{src}: no such file or directory")
+    raise PackError(f"{src}: give an image-folder tree (a directory) or a .csv file")
+
+
+def _check_out(out: Path, source: Path, overwrite: bool) -> None:
+    o, s = out.absolute(), source.absolute()
+    if source.is_dir() and (o == s or s in o.parents):
+        # Inside the tree it would be scanned as a class folder on the next pack.
+        raise PackError(f"{out}: the output must not be the source or inside it")
+    if (o.exists() or o.is_symlink()) and not overwrite:
+        raise PackError(f"{out} already exists; pass --overwrite to replace it")
+    if (
+        o.exists()
+        and overwrite
+        and not (o / HEADER_NAME).exists()
+        and o.is_dir()
+        and any(o.iterdir())
+    ):
+        raise PackError(f"{out} exists and is not a batchd dataset; refusing to replace it")
+
+
+# --------------------------------------------------------------------------- Python inputs
+
+
+def pack_arrays(
+    out: str | Path,
+    arrays: Mapping[str, NDArray[Any]],
+    *,
+    roles: Mapping[str, Role] | None = None,
+    classes: Sequence[str] | None = None,
+    overwrite: bool = False,
+    progress: bool | None = None,
+) -> PackSummary:
+    """Pack equal-length arrays (``np.memmap`` is fine: read in chunks) as raw fields.
+
+    A uint8 ``image`` (N, H, W, 3) gets role image and a uint8 ``mask`` (N, H, W)
+    role mask unless ``roles`` says otherwise; everything else is a value.
+    """
+    started = time.perf_counter()
+    if not arrays:
+        raise PackError("pack_arrays: no arrays given")
+    lengths = {}
+    fields = []
+    for name, arr in arrays.items():
+        if not hasattr(arr, "shape") or not hasattr(arr, "dtype") or len(arr.shape) < 1:
+            raise PackError(f"array {name!r}: needs an array with a first (sample) axis")
+        lengths[name] = arr.shape[0]
+        if arr.dtype.kind not in "biuf":
+            raise PackError(f"array {name!r}: dtype {arr.dtype} cannot be packed (numbers only)")
+        fields.append(
+            spec_for(
+                name,
+                le_dtype(arr.dtype),
+                tuple(int(d) for d in arr.shape[1:]),
+                (roles or {}).get(name),
+            )
+        )
+    if len(set(lengths.values())) != 1:
+        raise PackError(f"arrays differ in length: {lengths}")
+    n = next(iter(lengths.values()))
+    if n == 0:
+        raise PackError("pack_arrays: the arrays are empty; nothing to pack")
+    row_bytes = max(sum(f.dtype.itemsize * int(np.prod(f.shape or ())) for f in fields), 1)
+    step = max(1, (8 << 20) // row_bytes)
+    bar = progress_bar(n, "pack", "sample", progress)
+    try:
+        with DatasetWriter(out, fields, classes=classes, overwrite=overwrite) as writer:
+            for start in range(0, n, step):
+                block = {
+                    f.name: np.ascontiguousarray(arrays[f.name][start : start + step], f.dtype)
+                    for f in fields
+                }
+                if classes is not None and "label" in block:
+                    check_labels(block["label"], len(classes), start)
+                writer.append_block(block, min(step, n - start))
+                bar.update(min(step, n - start))
+            writer.commit(_packing("arrays", None, started))
+    finally:
+        bar.close()
+    return _summary(writer.out, started)
+
+
+def pack_samples(
+    out: str | Path,
+    samples: Iterable[Mapping[str, Any]],
+    *,
+    roles: Mapping[str, Role] | None = None,
+    classes: Sequence[str] | None = None,
+    on_error: OnError = "stop",
+    overwrite: bool = False,
+    progress: bool | None = None,
+    total: int | None = None,
+) -> PackSummary:
+    """Pack samples from any iterable, one at a time (streamed, never all in RAM).
+
+    Each sample maps field name to a value: an array or number (a raw field, its
+    shape and dtype fixed by the first sample) or the ``bytes`` of a JPEG/PNG (an
+    encoded field, checked to decode). ``on_error="skip"`` leaves out images that
+    do not decode (recorded in the header); shape or key mismatches always stop.
+    """
+    started = time.perf_counter()
+    if on_error not in ("stop", "skip"):
+        raise ConfigError(f"on_error {on_error!r}: use stop or skip")
+    it = iter(samples)
+    first = next(it, None)
+    if first is None:
+        raise PackError("pack_samples: the iterable yielded no samples; nothing to pack")
+    fields = []
+    for name, v in first.items():
+        if isinstance(v, bytes | bytearray | memoryview):
+            fields.append(spec_for(name, np.dtype("u1"), None, (roles or {}).get(name)))
+        else:
+            fields.append(
+                spec_for(name, dtype_of(name, v), tuple(np.shape(v)), (roles or {}).get(name))
+            )
+    bar = progress_bar(total or 0, "pack", "sample", progress)
+    try:
+        with DatasetWriter(out, fields, classes=classes, overwrite=overwrite) as writer:
+            for i, sample in enumerate(_chain(first, it)):
+                conv = convert_sample(i, sample, fields)
+                if isinstance(conv, str):
+                    if on_error == "stop":
+                        raise PackError(f"sample {i}: {conv}; fix it or pass on_error='skip'")
+                    writer.skip(f"sample {i}", conv, i)
+                else:
+                    if classes is not None and "label" in conv:
+                        check_labels(np.asarray(conv["label"])[None], len(classes), i)
+                    writer.append(conv)
+                bar.update(1)
+            writer.commit(_packing("samples", None, started, on_error=on_error))
+    finally:
+        bar.close()
+    return _summary(writer.out, started)
+
+
+def _chain(
+    first: Mapping[str, Any], rest: Iterator[Mapping[str, Any]]
+) -> Iterator[Mapping[str, Any]]:
+    yield first
+    yield from rest

@@ -1,0 +1,484 @@
+"""Batch computation: request -> validated plan -> cached, single-flight, pooled gather.
+
+A batch is a pure function of :class:`BatchRequest` and the dataset's fingerprint
+(invariant 1), so finished bodies are cached and shared by key, and identical
+concurrent requests are computed once (single-flight). Everything here runs on the
+event loop except the CPU work, which goes to a :class:`~batchd_server.serve.pool.PriorityPool`:
+
+* foreground work (a client is waiting) has priority 0 and submits all of a batch's
+  row chunks at once, so one batch uses every thread (latency);
+* read-ahead (batches k+1..k+d after a request for k) has priority 1 and submits one
+  chunk at a time, so it only ever takes idle threads; if a client asks for a batch
+  that is being read ahead, the rest of it is promoted to priority 0.
+
+Chunks of rows are filled (:mod:`batchd_server.serve.fill`) straight into the response body
+laid out by ``batchd.wire.layout`` in a recycled buffer, and the body is then sent
+without another copy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import hashlib
+import itertools
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+from numpy.typing import NDArray
+
+from batchd.buffers import Buffers
+from batchd.wire import Layout, layout
+
+from ..augment import Pipeline
+from ..errors import (
+    BatchTooLarge,
+    ConfigError,
+    DatasetChanged,
+    DatasetCorrupt,
+    FormatError,
+    InvalidPipeline,
+    Overloaded,
+    PipelineError,
+    StaleError,
+)
+from ..format import Dataset
+from ..shuffle import EpochPlan, permutation
+from .cache import LRU, ByteLRU
+from .fill import filler
+from .metrics import Metrics
+from .pool import PriorityPool
+from .registry import Registry
+from .request import BatchRequest
+from .shm import ShmArena
+
+__all__ = ["Engine", "EngineConfig", "Served"]
+
+log = logging.getLogger("batchd.engine")
+
+_FOREGROUND = 0
+_READAHEAD = 1
+_BODY_OVERHEAD = 64 * 1024  # msgpack headers and alignment pads of one body, generously
+_MIN_ROWS_PER_CHUNK = 8  # below this, splitting a batch costs more than it saves
+_IDLE_BODY_BYTES = 128 << 20  # body buffers kept for reuse beyond those in use or cached
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EngineConfig:
+    """Server tuning; every value is validated here and named in the error."""
+
+    threads: int = field(default_factory=lambda: os.cpu_count() or 1)
+    cache_bytes: int = 512 << 20  # the page cache, not this, should hold the dataset
+    readahead: int = 2
+    max_batch_bytes: int = 512 << 20
+    max_inflight: int = 64
+
+    def __post_init__(self) -> None:
+        for name, lo in (
+            ("threads", 1),
+            ("cache_bytes", 0),
+            ("readahead", 0),
+            ("max_batch_bytes", 1),
+            ("max_inflight", 1),
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+                raise ConfigError(
+                    f"--{name.replace('_', '-')} must be an int >= {lo}, got {value!r}"
+                )
+
+
+@dataclass(frozen=True, slots=True)
+class Served:
+    """A finished batch body and how it was obtained (cache ``hit``, ``miss``, ``join``)."""
+
+    body: NDArray[np.uint8]
+    source: Literal["hit", "miss", "join"]
+    fingerprint: str
+    num_batches: int
+    cached: bool = False
+    """The cache holds the body still, so it outlives this answer (a client may map it)."""
+
+
+class _Flight:
+    """One batch being computed; joiners await ``task``, promotion changes ``priority``."""
+
+    __slots__ = ("priority", "task")
+
+    def __init__(self, priority: int) -> None:
+        self.priority = priority
+        self.task: asyncio.Task[NDArray[np.uint8]]
+
+
+@dataclass(frozen=True, slots=True)
+class _Prepared:
+    """A validated request: what to compute and under which key."""
+
+    req: BatchRequest
+    dataset: Dataset
+    plan: EpochPlan
+    pipeline: Pipeline
+    out_fields: dict[str, tuple[np.dtype[Any], tuple[int, ...]]]
+    key: tuple[Any, ...]
+    job: tuple[Any, ...]
+
+
+class _Stale(Exception):
+    """The pack changed on disk after it was looked up; look it up again."""
+
+
+def _layout(
+    req: BatchRequest,
+    fingerprint: str,
+    rows: int,
+    fields: dict[str, tuple[np.dtype[Any], tuple[int, ...]]],
+    alloc: Callable[[int], NDArray[np.uint8]] | None,
+) -> Layout:
+    return layout(
+        dataset=req.dataset,
+        fingerprint=fingerprint,
+        epoch=req.epoch,
+        batch=req.k,
+        rows=rows,
+        fields=fields,
+        alloc=alloc,
+    )
+
+
+def _chunks(rows: int, parts: int) -> list[tuple[int, int]]:
+    parts = max(1, min(parts, rows // _MIN_ROWS_PER_CHUNK or 1))
+    bounds = np.linspace(0, rows, parts + 1).astype(int)
+    return [(int(a), int(b)) for a, b in itertools.pairwise(bounds) if b > a]
+
+
+class Engine:
+    """Validates batch requests and computes their bodies; one per server process."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        config: EngineConfig | None = None,
+        metrics: Metrics | None = None,
+        *,
+        shm: ShmArena | None = None,
+    ) -> None:
+        self.registry = registry
+        # Bodies in shared memory (a unix socket or loopback bind): the app may then
+        # answer same-host clients with their path.
+        self.shm = shm
+        self.config = config or EngineConfig()
+        self.metrics = metrics or Metrics(registry)
+        self._pool = PriorityPool(self.config.threads)
+        self._cache: ByteLRU[tuple[Any, ...]] = ByteLRU(self.config.cache_bytes)
+        # Bodies are laid out in recycled buffers: zeroing fresh pages for every
+        # batch was a sixth of the server's CPU (clear_page in perf).
+        self._bodies = Buffers(keep=64, idle_bytes=_IDLE_BODY_BYTES)
+        self._flights: dict[tuple[Any, ...], _Flight] = {}
+        self._readahead_flights = 0
+        self._pipelines: LRU[str, Pipeline] = LRU(256)
+        self._out_fields: LRU[tuple[str, str], dict[str, tuple[np.dtype[Any], tuple[int, ...]]]]
+        self._out_fields = LRU(256)
+        self._orders: LRU[tuple[str, int, int], asyncio.Future[NDArray[np.integer]]] = LRU(8)
+        with contextlib.suppress(ImportError):  # one OpenCV thread per pool worker
+            import cv2
+
+            cv2.setNumThreads(1)
+
+    def close(self) -> None:
+        """Stop the workers and close the registry's datasets (the engine owns both)."""
+        self._pool.shutdown()
+        self.registry.close()
+        if self.shm is not None:
+            self.shm.close()
+
+    @property
+    def cache_bytes(self) -> int:
+        return self._cache.nbytes
+
+    # --- validation -------------------------------------------------------------
+
+    def pipeline(self, text: str) -> Pipeline:
+        """The parsed pipeline for ``text`` (cached by the raw text)."""
+        found = self._pipelines.get(text)
+        if found is None:
+            try:
+                found = Pipeline.parse(text)
+            except PipelineError as exc:
+                raise InvalidPipeline(exc) from None
+            self._pipelines.put(text, found)
+        return found
+
+    def output_fields(
+        self, ds: Dataset, pipeline: Pipeline
+    ) -> dict[str, tuple[np.dtype[Any], tuple[int, ...]]]:
+        key = (ds.fingerprint, pipeline.canonical)
+        found = self._out_fields.get(key)
+        if found is None:
+            try:
+                raw = pipeline.output_fields(ds.fields)
+            except PipelineError as exc:
+                raise InvalidPipeline(exc) from None
+            found = {
+                n: (np.dtype(dt), tuple(int(s) for s in shape)) for n, (dt, shape) in raw.items()
+            }
+            self._out_fields.put(key, found)
+        return found
+
+    async def dataset(self, name: str) -> Dataset:
+        # A lookup may rescan --data and open packs: file I/O, so off the event loop.
+        return await asyncio.to_thread(self.registry.get, name)
+
+    def _prepare(self, req: BatchRequest, ds: Dataset) -> _Prepared:
+        pipeline = self.pipeline(req.augment)
+        plan = req.plan(ds.count)
+        req.check_k(plan)
+        out_fields = self.output_fields(ds, pipeline)
+        per_sample = 8 + sum(dt.itemsize * int(np.prod(shape)) for dt, shape in out_fields.values())
+        cap = self.config.max_batch_bytes
+        if _BODY_OVERHEAD + per_sample * req.batch_size > cap:
+            fits = max(0, (cap - _BODY_OVERHEAD) // per_sample)
+            raise BatchTooLarge(
+                f"batch_size={req.batch_size} needs about {per_sample * req.batch_size} bytes per "
+                f"body ({per_sample} per sample); this server caps a body at {cap} bytes "
+                f"(--max-batch-bytes): use batch_size <= {fits}",
+            )
+        job = (
+            ds.fingerprint,
+            req.seed,
+            req.epoch,
+            req.shuffle,
+            req.batch_size,
+            req.drop_last,
+            req.rank,
+            req.world_size,
+            pipeline.canonical,
+        )
+        return _Prepared(req, ds, plan, pipeline, out_fields, (*job, req.k), job)
+
+    # --- serving ----------------------------------------------------------------
+
+    async def batch(self, req: BatchRequest) -> Served:
+        """The body of batch ``req.k``; raises a :class:`~batchd_server.errors.Rejected`.
+
+        If the pack was replaced on disk under a computation, the request is answered
+        from the re-opened pack (its fingerprint is in the body), never from a mix.
+        """
+        try:
+            return await self._batch(req)
+        except _Stale:
+            pass
+        try:
+            return await self._batch(req)
+        except _Stale as exc:
+            raise DatasetChanged(
+                f"dataset {req.dataset!r} keeps changing on disk ({exc}); retry when it is written",
+            ) from None
+
+    async def _batch(self, req: BatchRequest) -> Served:
+        ds = await self.dataset(req.dataset)
+        prep = self._prepare(req, ds)
+        self.metrics.job_progress(job_label(req.dataset, prep.job), req.k)
+        source: Literal["hit", "miss", "join"]
+        body = self._cache.get(prep.key)
+        if body is not None:
+            source = "hit"
+            self.metrics.cache_hits.inc()
+        else:
+            self.metrics.cache_misses.inc()
+            flight = self._flights.get(prep.key)
+            if flight is not None:
+                source = "join"
+                self.metrics.singleflight_joins.inc()
+                flight.priority = _FOREGROUND  # someone is waiting now: promote read-ahead
+            else:
+                source = "miss"
+                # Distinct computations a client waits for (joiners and read-ahead are free).
+                busy = sum(f.priority == _FOREGROUND for f in self._flights.values())
+                if busy >= self.config.max_inflight:
+                    raise Overloaded(
+                        f"{busy} batches are computing (--max-inflight "
+                        f"{self.config.max_inflight}); retry shortly"
+                    )
+                flight = self._start(prep, _FOREGROUND)
+            # shield: a client that hangs up does not cancel work others may join.
+            body = await asyncio.shield(flight.task)
+        self._read_ahead(prep)
+        cached = prep.key in self._cache
+        return Served(body, source, ds.fingerprint, prep.plan.num_batches, cached)
+
+    def _start(self, prep: _Prepared, priority: int) -> _Flight:
+        flight = _Flight(priority)
+        flight.task = asyncio.get_running_loop().create_task(self._compute_into_cache(prep, flight))
+        self._flights[prep.key] = flight
+        flight.task.add_done_callback(lambda _t: self._flights.pop(prep.key, None))
+        return flight
+
+    async def _compute_into_cache(self, prep: _Prepared, flight: _Flight) -> NDArray[np.uint8]:
+        body = await self._compute(prep, flight)
+        self._cache.put(prep.key, body)
+        self.metrics.cache_bytes.set(self._cache.nbytes)
+        return body
+
+    async def _order(self, ds: Dataset, req: BatchRequest) -> NDArray[np.integer] | None:
+        if not req.shuffle:
+            return None
+        key = (ds.fingerprint, req.seed, req.epoch)
+        fut = self._orders.get(key)
+        if fut is None:
+            # Computed once per (dataset, seed, epoch) and shared; the future itself is
+            # cached so concurrent first requests wait for one computation.
+            fut = self._pool.submit(_FOREGROUND, permutation, ds.count, req.seed, req.epoch)
+            self._orders.put(key, fut)
+        try:
+            return await asyncio.shield(fut)
+        except Exception:
+            self._orders.pop(key)  # never cache a failure
+            raise
+
+    async def _compute(self, prep: _Prepared, flight: _Flight) -> NDArray[np.uint8]:
+        req, ds = prep.req, prep.dataset
+        order = await self._order(ds, req)
+        ids = prep.plan.batch_ids(order, req.k)
+        alloc = self.shm.allocate if self.shm is not None else self._bodies.take
+        lay: Layout = await self._pool.submit(
+            flight.priority, _layout, req, ds.fingerprint, len(ids), prep.out_fields, alloc
+        )
+        lay.index[:] = ids
+        try:
+            await self._pool.submit(flight.priority, ds.check)
+        except FormatError as exc:
+            self.registry.invalidate(req.dataset)
+            raise _Stale(str(exc)) from None
+        fill = filler(ds, prep.pipeline, ids, req.seed, req.epoch, lay.fields)
+        pending = _chunks(len(ids), self.config.threads)
+        try:
+            while pending:
+                if flight.priority == _FOREGROUND:
+                    await asyncio.gather(
+                        *(self._pool.submit(_FOREGROUND, fill, a, b) for a, b in pending)
+                    )
+                    break
+                a, b = pending.pop(0)
+                await self._pool.submit(_READAHEAD, fill, a, b)
+        except PipelineError as exc:  # per-sample: e.g. an encoded image smaller than a crop
+            raise InvalidPipeline(exc) from None
+        except StaleError as exc:
+            # A short read: the pack was truncated or rewritten under us after check().
+            # Re-open it and retry once (batch()), never serve a partial body (issue 7).
+            self.registry.invalidate(req.dataset)
+            raise _Stale(str(exc)) from None
+        except FormatError as exc:
+            raise DatasetCorrupt(
+                f"dataset {req.dataset!r} cannot be read: {exc.problem}; run `batchd verify` "
+                "on the server and repack it",
+            ) from None
+        if self.shm is not None:  # into its shared-memory file; the scratch is recycled
+            sealed: NDArray[np.uint8] = await self._pool.submit(
+                flight.priority, self.shm.seal, lay.body
+            )
+            return sealed
+        return lay.body
+
+    def _read_ahead(self, prep: _Prepared) -> None:
+        limit = max(1, self.config.readahead) * max(1, self.config.threads)
+        for j in range(
+            prep.req.k + 1, min(prep.req.k + 1 + self.config.readahead, prep.plan.num_batches)
+        ):
+            key = (*prep.job, j)
+            if key in self._cache or key in self._flights:
+                continue
+            if self._readahead_flights >= limit or self._cache.capacity == 0:
+                return
+            nxt = _Prepared(
+                dataclasses.replace(prep.req, k=j),
+                prep.dataset,
+                prep.plan,
+                prep.pipeline,
+                prep.out_fields,
+                key,
+                prep.job,
+            )
+            self._readahead_flights += 1
+            self.metrics.readahead.inc()
+            flight = self._start(nxt, _READAHEAD)
+            flight.task.add_done_callback(self._readahead_done)
+
+    def _readahead_done(self, task: asyncio.Task[Any]) -> None:
+        self._readahead_flights -= 1
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("read-ahead failed: %s", task.exception())
+
+    # --- info -------------------------------------------------------------------
+
+    async def list(self) -> list[dict[str, Any]]:
+        entries = await asyncio.to_thread(self.registry.entries)
+        return [e.describe() for e in entries]
+
+    async def info(
+        self,
+        name: str,
+        *,
+        batch_size: int | None = None,
+        shuffle: bool = True,
+        drop_last: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+        augment: str | None = None,
+    ) -> dict[str, Any]:
+        """Dataset facts; with ``batch_size`` the epoch plan, with ``augment`` the batch fields."""
+        # Every parameter given is checked, whether or not a plan is asked for.
+        probe = BatchRequest(
+            dataset=name,
+            k=0,
+            batch_size=1 if batch_size is None else batch_size,
+            shuffle=shuffle,
+            drop_last=drop_last,
+            rank=rank,
+            world_size=world_size,
+        )
+        ds = await self.dataset(name)
+        out: dict[str, Any] = {
+            "name": name,
+            "count": ds.count,
+            "fingerprint": ds.fingerprint,
+            "classes": list(ds.classes) if ds.classes is not None else None,
+            "fields": {
+                f.name: {
+                    "dtype": np.dtype(f.dtype).str,
+                    "shape": list(f.shape) if f.shape is not None else None,
+                    "role": f.role,
+                    "encoding": f.encoding,
+                }
+                for f in ds.fields.values()
+            },
+        }
+        if augment is not None:
+            fields = self.output_fields(ds, self.pipeline(augment))
+            out["batch_fields"] = {
+                n: {"dtype": dt.str, "shape": list(shape)} for n, (dt, shape) in fields.items()
+            }
+        if batch_size is not None:
+            plan = probe.plan(ds.count)
+            out["plan"] = {
+                "batch_size": batch_size,
+                "shuffle": shuffle,
+                "drop_last": drop_last,
+                "rank": rank,
+                "world_size": world_size,
+                "samples_per_rank": plan.samples_per_rank,
+                "num_batches": plan.num_batches,
+                "padded": plan.padded,
+                "dropped": plan.dropped,
+            }
+        return out
+
+
+def job_label(dataset: str, job: tuple[Any, ...]) -> str:
+    """A short, stable label for a job (all of a batch's key but its index)."""
+    digest = hashlib.blake2b(repr(job).encode(), digest_size=4).hexdigest()
+    return f"{dataset}:{digest}"

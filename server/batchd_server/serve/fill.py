@@ -1,0 +1,84 @@
+"""Fill a batch body from a pack: the per-chunk work the engine runs on its threads.
+
+:func:`filler` returns ``fill(a, b)``, which writes rows ``a..b`` of a batch into the
+body's field views; chunks are independent, so a batch is split over threads freely.
+
+While the dataset holds a read lease (``Dataset.mapped``: no one can then truncate the
+pack, so reading the mapping cannot SIGBUS) raw fields are read from the memory map;
+otherwise with ``preadv``.
+
+* Raw fields with no ops, or flips only: each field's rows are gathered straight into
+  the body (``np.take`` from the mapping, or ``preadv`` in runs of consecutive ids),
+  then flipped in place.
+* Any other pipeline: each sample is loaded and augmented into its row. Raw fields are
+  views of the mapping, or a ``preadv`` copy into a scratch row; encoded fields are
+  decoded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from ..augment import Pipeline
+from ..format import Dataset
+
+__all__ = ["filler"]
+
+
+def filler(
+    ds: Dataset,
+    pipeline: Pipeline,
+    ids: NDArray[np.int64],
+    seed: int,
+    epoch: int,
+    out: dict[str, NDArray[Any]],
+) -> Callable[[int, int], None]:
+    """``fill(a, b)``: rows ``a..b`` of the batch of samples ``ids`` into ``out``."""
+    specs = ds.fields
+    all_raw = all(s.encoding == "raw" for s in specs.values())
+    if all_raw and (not pipeline.ops or pipeline.flips_only(specs)):
+
+        def gather(a: int, b: int) -> None:
+            with ds.mapped() as direct:
+                for name, view in out.items():
+                    if direct:  # mode="clip" writes into out without a buffered copy
+                        np.take(ds.array(name), ids[a:b], axis=0, out=view[a:b], mode="clip")
+                    else:
+                        ds.read_rows(name, ids[a:b], view[a:b])
+            if pipeline.ops:  # flips only: mirror the stored rows where they now lie
+                pipeline.flip_in_place(ids, seed, epoch, out, range(a, b), fields=specs)
+
+        return gather
+
+    raw = [name for name, spec in specs.items() if spec.encoding == "raw"]
+    encoded = [name for name in specs if name not in raw]
+
+    def run(a: int, b: int) -> None:
+        with ds.mapped() as direct:
+            row: Callable[[str, int], NDArray[Any]]
+            if direct:  # views of the mapping: no copy at all
+                maps = {name: ds.array(name) for name in raw}
+                row = lambda name, i: maps[name][i]  # noqa: E731
+            else:
+                # One scratch row per raw field: Pipeline.run consumes each loaded
+                # sample before it loads the next, so the buffer can be reused.
+                scratch = {
+                    name: np.empty(spec.shape, spec.dtype)
+                    for name, spec in specs.items()
+                    if spec.encoding == "raw" and spec.shape is not None
+                }
+                row = lambda name, i: ds.read_row(name, i, scratch[name])  # noqa: E731
+
+            def load(r: int) -> dict[str, NDArray[Any]]:
+                i = int(ids[r])
+                sample = {name: row(name, i) for name in raw}
+                sample.update((name, ds.image(name, i)) for name in encoded)
+                return sample
+
+            pipeline.run(load, ids, seed, epoch, out, range(a, b), fields=specs)
+
+    return run
