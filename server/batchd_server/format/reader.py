@@ -94,6 +94,7 @@ class Dataset:
         self._maps: dict[str, np.ndarray[Any, Any]] = {}
         self._lease: lease.Lease | None = None
         self._no_lease = "not taken"
+        self._unmapped: str | None = None  # why mapped reads are off (set_read_path)
         try:
             self._open_all()
             self._take_lease()
@@ -173,8 +174,35 @@ class Dataset:
         weakref.finalize(self, got.release, "the dataset was closed")
 
     @property
+    def nbytes(self) -> int:
+        """Bytes of all the pack's data files (what the page cache would hold)."""
+        return sum(int(rec["size"]) for rec in self.header["files"].values())
+
+    @property
+    def unmapped(self) -> str | None:
+        """Why mapped reads were turned off by :meth:`set_read_path`, or None."""
+        return self._unmapped
+
+    def set_read_path(self, unmapped: str | None) -> None:
+        """Read with ``preadv`` even under a lease, saying why (``None``: map again).
+
+        A pack bigger than the memory the server may use thrashes when read through
+        its mapping (a reclaimed page faults back in 4 KiB at a time); plain reads of
+        whole samples, announced ahead with :meth:`willneed`, run at the disk's speed.
+        """
+        self._unmapped = unmapped
+        # Reads are announced exactly: the kernel's own read-ahead around a miss would
+        # only fetch neighbours a uniform shuffle does not want next.
+        advice = os.POSIX_FADV_NORMAL if unmapped is None else os.POSIX_FADV_RANDOM
+        for f in self._files.values():
+            with contextlib.suppress(OSError, ValueError):
+                os.posix_fadvise(f.fileno(), 0, 0, advice)
+
+    @property
     def reads(self) -> str:
         """How samples are read now: ``mapped (read lease)`` or ``preadv (why not mapped)``."""
+        if self._unmapped is not None:
+            return f"preadv ({self._unmapped})"
         if self._lease is not None and self._lease.held:
             return "mapped (read lease)"
         if self._lease is not None:
@@ -190,11 +218,60 @@ class Dataset:
         read with :meth:`read_rows` / :meth:`read_row`. Keep blocks short: a writer
         waits for them to end.
         """
-        if self._lease is None:
+        if self._lease is None or self._unmapped is not None:
             yield False
             return
         with self._lease.hold() as ok:
             yield ok
+
+    def willneed(self, ids: NDArray[np.integer]) -> int:
+        """Ask the kernel to start reading samples ``ids`` of every field; returns the bytes.
+
+        ``posix_fadvise(WILLNEED)`` queues the reads and returns without waiting for
+        them, so one call per run of consecutive ids keeps the disk's queue full from
+        one thread; the gather then finds whole samples in the page cache.
+        """
+        return self._advise(ids, os.POSIX_FADV_WILLNEED)
+
+    def dontneed(self, ids: NDArray[np.integer]) -> int:
+        """Let the kernel drop samples ``ids`` from the page cache now (they were read).
+
+        For a pack bigger than memory: a sample read for this epoch is, in a uniform
+        shuffle, no more likely to be needed soon than any other, and dropping it at
+        once spares the next reads a round of reclaim under a memory limit.
+        """
+        return self._advise(ids, os.POSIX_FADV_DONTNEED)
+
+    def _advise(self, ids: NDArray[np.integer], advice: int) -> int:
+        if len(ids) == 0:
+            return 0
+        order = np.unique(np.asarray(ids, dtype=np.int64))
+        runs = [0, *(np.flatnonzero(np.diff(order) != 1) + 1).tolist(), len(order)]
+        spans: list[tuple[str, int, int]] = []
+        for spec in self.fields.values():
+            if spec.encoding == "raw":
+                assert spec.shape is not None
+                row = spec.dtype.itemsize * math.prod(spec.shape)
+                fname = spec.files()[0]
+                for a, b in itertools.pairwise(runs):
+                    spans.append(
+                        (fname, int(order[a]) * row, (int(order[b - 1]) + 1 - int(order[a])) * row)
+                    )
+            else:
+                data, offs, _ = spec.files()
+                o = self._maps[offs]
+                for a, b in itertools.pairwise(runs):
+                    lo, hi = int(o[order[a]]), int(o[order[b - 1] + 1])
+                    spans.append((data, lo, hi - lo))
+        total = 0
+        for fname, offset, length in spans:
+            f = self._files.get(fname)
+            if f is None or length <= 0:
+                continue
+            with contextlib.suppress(OSError, ValueError):  # closed meanwhile: nothing to do
+                os.posix_fadvise(f.fileno(), offset, length, advice)
+                total += length
+        return total
 
     def _map(
         self, fname: str, dtype: np.dtype[Any], shape: tuple[int, ...], *, load: bool = False

@@ -47,6 +47,10 @@ class LRU(Generic[K, V]):
     def pop(self, key: K) -> V | None:
         return self._items.pop(key, None)
 
+    def values(self) -> list[V]:
+        """The values, least recently used first (a copy)."""
+        return list(self._items.values())
+
     def __len__(self) -> int:
         return len(self._items)
 

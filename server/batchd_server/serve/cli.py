@@ -140,11 +140,19 @@ def check_exposure(
 @click.option(
     "--cache-bytes",
     type=_Bytes(),
-    default="512MiB",
-    show_default=True,
+    default=None,
     envvar="BATCHD_CACHE_BYTES",
-    help="Finished batch bodies kept for other jobs and read-ahead (13 batches of "
-    "256x224x224x3 at the default: jobs that drift further apart recompute).",
+    help="Finished batch bodies kept for other jobs and read-ahead  [default: 1/8 of the "
+    "memory budget (the cgroup limit, else RAM), at most 512MiB: 13 batches of "
+    "256x224x224x3; jobs that drift further apart recompute]",
+)
+@click.option(
+    "--memory-budget",
+    type=_Bytes(),
+    default=None,
+    envvar="BATCHD_MEMORY_BUDGET",
+    help="Memory the server may count on, page cache of the packs included; sizes the "
+    "caches and picks each pack's read path  [default: the cgroup memory limit, else RAM]",
 )
 @click.option(
     "--readahead",
@@ -211,7 +219,8 @@ def serve(
     token: str | None,
     allow_unauthenticated: bool,
     threads: int | None,
-    cache_bytes: int,
+    cache_bytes: int | None,
+    memory_budget: int | None,
     readahead: int,
     max_batch_bytes: int,
     max_inflight: int,
@@ -225,6 +234,7 @@ def serve(
 
     from .app import create_app
     from .engine import Engine, EngineConfig
+    from .memory import plan as memory_plan
     from .registry import Registry
 
     token = token or None  # BATCHD_TOKEN="" (an unset compose variable) means no token
@@ -239,9 +249,20 @@ def serve(
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    memory = memory_plan(cache_bytes, memory_budget)
+    log.info(
+        "memory budget %d MiB (%s): batch cache %d MiB%s, idle body buffers %d MiB, "
+        "read-ahead %d MiB per job; packs over 3/4 of the budget are read with preadv",
+        memory.budget >> 20,
+        memory.source,
+        memory.cache_bytes >> 20,
+        "" if cache_bytes is not None else " (auto; --cache-bytes to set)",
+        memory.idle_body_bytes >> 20,
+        memory.readahead_bytes >> 20,
+    )
     config = EngineConfig(
         threads=threads or os.cpu_count() or 1,
-        cache_bytes=cache_bytes,
+        cache_bytes=memory.cache_bytes,
         readahead=readahead,
         max_batch_bytes=max_batch_bytes,
         max_inflight=max_inflight,
@@ -272,6 +293,13 @@ def serve(
         "on" if token else "off",
     )
     arena = None
+    if same_host and shm is None and memory.source == "the cgroup memory limit":
+        shm = False
+        log.info(
+            "batch bodies go over the socket: in /dev/shm they would be charged to this "
+            "cgroup's %d MiB and kept there while trainers map them (--shm to override)",
+            memory.budget >> 20,
+        )
     if same_host and shm is not False:
         from .shm import ShmArena
 
@@ -283,7 +311,7 @@ def serve(
             arena.dir,
             arena.max_files,
         )
-    engine = Engine(registry, config, shm=arena)
+    engine = Engine(registry, config, shm=arena, memory=memory)
     app = create_app(engine, token=token)
     server = uvicorn.Server(
         _config_with_guard(header_timeout)(

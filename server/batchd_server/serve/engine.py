@@ -25,7 +25,8 @@ import hashlib
 import itertools
 import logging
 import os
-from collections.abc import Callable
+import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -51,8 +52,11 @@ from ..format import Dataset
 from ..shuffle import EpochPlan, permutation
 from .cache import LRU, ByteLRU
 from .fill import filler
-from .metrics import Metrics
+from .memory import MemoryPlan
+from .memory import plan as memory_plan
+from .metrics import Metrics, resident_share
 from .pool import PriorityPool
+from .readahead import ReadAhead
 from .registry import Registry
 from .request import BatchRequest
 from .shm import ShmArena
@@ -64,8 +68,8 @@ log = logging.getLogger("batchd.engine")
 _FOREGROUND = 0
 _READAHEAD = 1
 _BODY_OVERHEAD = 64 * 1024  # msgpack headers and alignment pads of one body, generously
+_ACTIVE_S = 10.0  # a job that asked for a batch this recently shares the read-ahead budget
 _MIN_ROWS_PER_CHUNK = 8  # below this, splitting a batch costs more than it saves
-_IDLE_BODY_BYTES = 128 << 20  # body buffers kept for reuse beyond those in use or cached
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -128,6 +132,30 @@ class _Prepared:
     job: tuple[Any, ...]
 
 
+class _ByteGate:
+    """Bounds the bytes of bodies being computed at once; one body always gets through."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.used = 0
+        self._cv: asyncio.Condition | None = None
+
+    @contextlib.asynccontextmanager
+    async def hold(self, nbytes: int) -> AsyncIterator[None]:
+        if self._cv is None:
+            self._cv = asyncio.Condition()
+        cv = self._cv
+        async with cv:
+            await cv.wait_for(lambda: self.used == 0 or self.used + nbytes <= self.capacity)
+            self.used += nbytes
+        try:
+            yield
+        finally:
+            async with cv:
+                self.used -= nbytes
+                cv.notify_all()
+
+
 class _Stale(Exception):
     """The pack changed on disk after it was looked up; look it up again."""
 
@@ -166,6 +194,7 @@ class Engine:
         metrics: Metrics | None = None,
         *,
         shm: ShmArena | None = None,
+        memory: MemoryPlan | None = None,
     ) -> None:
         self.registry = registry
         # Bodies in shared memory (a unix socket or loopback bind): the app may then
@@ -173,11 +202,18 @@ class Engine:
         self.shm = shm
         self.config = config or EngineConfig()
         self.metrics = metrics or Metrics(registry)
+        self.memory = memory or memory_plan(self.config.cache_bytes)
+        self._announcer = ReadAhead(resident_share, self.metrics.announced_bytes.inc)
+        self._announced: LRU[tuple[Any, ...], int] = LRU(256)  # job -> last batch announced
+        self._active: LRU[tuple[Any, ...], float] = LRU(256)  # job -> last request (monotonic)
+        self._gate = _ByteGate(self.memory.compute_bytes)
+        for ds in registry.datasets():
+            self._place(ds)
         self._pool = PriorityPool(self.config.threads)
         self._cache: ByteLRU[tuple[Any, ...]] = ByteLRU(self.config.cache_bytes)
         # Bodies are laid out in recycled buffers: zeroing fresh pages for every
         # batch was a sixth of the server's CPU (clear_page in perf).
-        self._bodies = Buffers(keep=64, idle_bytes=_IDLE_BODY_BYTES)
+        self._bodies = Buffers(keep=64, idle_bytes=self.memory.idle_body_bytes)
         self._flights: dict[tuple[Any, ...], _Flight] = {}
         self._readahead_flights = 0
         self._pipelines: LRU[str, Pipeline] = LRU(256)
@@ -191,6 +227,7 @@ class Engine:
 
     def close(self) -> None:
         """Stop the workers and close the registry's datasets (the engine owns both)."""
+        self._announcer.close()
         self._pool.shutdown()
         self.registry.close()
         if self.shm is not None:
@@ -231,7 +268,20 @@ class Engine:
 
     async def dataset(self, name: str) -> Dataset:
         # A lookup may rescan --data and open packs: file I/O, so off the event loop.
-        return await asyncio.to_thread(self.registry.get, name)
+        ds = await asyncio.to_thread(self.registry.get, name)
+        self._place(ds)
+        return ds
+
+    def _place(self, ds: Dataset) -> None:
+        """Choose how ``ds`` is read: through its mapping only if it fits the memory budget."""
+        if not self.memory.fits(ds.nbytes) and ds.unmapped is None:
+            # Read through the mapping, a pack bigger than memory thrashes (a reclaimed
+            # page faults back 4 KiB at a time): whole-sample reads, announced ahead.
+            ds.set_read_path(
+                f"{ds.nbytes >> 20} MiB pack > 3/4 of the {self.memory.budget >> 20} MiB "
+                f"memory budget ({self.memory.source}): read ahead by the permutation"
+            )
+            log.info("%s: reads %s", ds.name, ds.reads)
 
     def _prepare(self, req: BatchRequest, ds: Dataset) -> _Prepared:
         pipeline = self.pipeline(req.augment)
@@ -308,6 +358,7 @@ class Engine:
             # shield: a client that hangs up does not cancel work others may join.
             body = await asyncio.shield(flight.task)
         self._read_ahead(prep)
+        await self._announce(prep)
         cached = prep.key in self._cache
         return Served(body, source, ds.fingerprint, prep.plan.num_batches, cached)
 
@@ -341,6 +392,12 @@ class Engine:
             raise
 
     async def _compute(self, prep: _Prepared, flight: _Flight) -> NDArray[np.uint8]:
+        # Under a small memory budget, a trainer's prefetch must not make the server
+        # hold more bodies than it may: further computations wait their turn.
+        async with self._gate.hold(self._body_bytes(prep)):
+            return await self._compute_body(prep, flight)
+
+    async def _compute_body(self, prep: _Prepared, flight: _Flight) -> NDArray[np.uint8]:
         req, ds = prep.req, prep.dataset
         order = await self._order(ds, req)
         ids = prep.plan.batch_ids(order, req.k)
@@ -349,6 +406,10 @@ class Engine:
             flight.priority, _layout, req, ds.fingerprint, len(ids), prep.out_fields, alloc
         )
         lay.index[:] = ids
+        if self._announcer.needed(ds) and self._last_announced(prep.job) < req.k:
+            # Not announced ahead (the first batch of a job, or it jumped): every read
+            # of this batch queued at once, not two at a time by the gather threads.
+            await self._pool.submit(flight.priority, self._announce_now, ds, ids)
         try:
             await self._pool.submit(flight.priority, ds.check)
         except FormatError as exc:
@@ -377,6 +438,8 @@ class Engine:
                 f"dataset {req.dataset!r} cannot be read: {exc.problem}; run `batchd verify` "
                 "on the server and repack it",
             ) from None
+        if not self.memory.fits(ds.nbytes):  # drop behind: room for the reads ahead
+            await self._pool.submit(flight.priority, ds.dontneed, ids)
         if self.shm is not None:  # into its shared-memory file; the scratch is recycled
             sealed: NDArray[np.uint8] = await self._pool.submit(
                 flight.priority, self.shm.seal, lay.body
@@ -386,6 +449,9 @@ class Engine:
 
     def _read_ahead(self, prep: _Prepared) -> None:
         limit = max(1, self.config.readahead) * max(1, self.config.threads)
+        # A body computed ahead waits in the cache: more of them than it holds would be
+        # evicted before their request, and each costs a body of memory while computing.
+        limit = min(limit, max(1, self._cache.capacity // max(1, self._body_bytes(prep))))
         for j in range(
             prep.req.k + 1, min(prep.req.k + 1 + self.config.readahead, prep.plan.num_batches)
         ):
@@ -408,6 +474,39 @@ class Engine:
             flight = self._start(nxt, _READAHEAD)
             flight.task.add_done_callback(self._readahead_done)
 
+    def _last_announced(self, job: tuple[Any, ...]) -> int:
+        got = self._announced.get(job)
+        return -1 if got is None else got
+
+    def _announce_now(self, ds: Dataset, ids: NDArray[np.int64]) -> None:
+        self.metrics.announced_bytes.inc(ds.willneed(ids))
+
+    async def _announce(self, prep: _Prepared) -> None:
+        """Announce the samples of the job's next batches, within the read-ahead budget."""
+        ds, req = prep.dataset, prep.req
+        if not self._announcer.needed(ds):
+            return
+        per_batch = max(1, ds.nbytes // max(1, ds.count) * req.batch_size)
+        now = time.monotonic()
+        self._active.put(prep.job, now)
+        jobs = sum(1 for seen in self._active.values() if now - seen < _ACTIVE_S)
+        depth = max(1, self.memory.readahead_bytes // max(1, jobs) // per_batch)
+        last = min(req.k + depth, prep.plan.num_batches - 1)
+        start = max(req.k + 1, self._last_announced(prep.job) + 1)
+        if start > last:
+            return
+        order = await self._order(ds, req)
+        for j in range(start, last + 1):
+            self._announcer.submit(ds, j - req.k, prep.plan.batch_ids(order, j))
+        self._announced.put(prep.job, last)
+
+    @staticmethod
+    def _body_bytes(prep: _Prepared) -> int:
+        per_sample = sum(
+            dt.itemsize * int(np.prod(shape)) for dt, shape in prep.out_fields.values()
+        )
+        return per_sample * prep.req.batch_size
+
     def _readahead_done(self, task: asyncio.Task[Any]) -> None:
         self._readahead_flights -= 1
         if not task.cancelled() and task.exception() is not None:
@@ -417,6 +516,9 @@ class Engine:
 
     async def list(self) -> list[dict[str, Any]]:
         entries = await asyncio.to_thread(self.registry.entries)
+        for e in entries:
+            if e.dataset is not None:
+                self._place(e.dataset)
         return [e.describe() for e in entries]
 
     async def info(

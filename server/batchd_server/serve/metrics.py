@@ -27,12 +27,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 if TYPE_CHECKING:
+    from ..format import Dataset
     from .registry import Registry
 
-__all__ = ["MAX_JOBS", "Metrics", "resident_bytes"]
+__all__ = ["MAX_JOBS", "Metrics", "disk_read_bytes", "resident_bytes", "resident_share"]
 
 #: Jobs (dataset, seed, epoch, batch parameters, pipeline) whose progress is exported.
 MAX_JOBS = 64
@@ -108,6 +109,46 @@ class _ResidentCollector:
         return []
 
 
+def resident_share(ds: Dataset) -> float | None:
+    """The share of ``ds``'s data files in the page cache, or None if it cannot be told."""
+    total = resident = 0
+    for fname, rec in ds.header["files"].items():
+        got = resident_bytes(ds.path / fname)
+        if got is None:
+            return None
+        resident += got
+        total += int(rec["size"])
+    return resident / total if total else 1.0
+
+
+def disk_read_bytes() -> int | None:
+    """Bytes this process caused to be read from storage (``read_bytes`` of /proc/self/io)."""
+    try:
+        with open("/proc/self/io") as f:
+            for line in f:
+                if line.startswith("read_bytes:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+class _DiskReadCollector:
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        got = disk_read_bytes()
+        if got is not None:
+            fam = CounterMetricFamily(
+                "batchd_disk_read_bytes",
+                "Bytes the server read from storage, read-ahead included (/proc/self/io); "
+                "per epoch, compare with the pack's size (1.0 is every byte read once)",
+            )
+            fam.add_metric([], float(got))
+            yield fam
+
+    def describe(self) -> list[Any]:
+        return []
+
+
 class Metrics:
     """Counters the engine and the app update; :meth:`render` gives the Prometheus text."""
 
@@ -138,6 +179,11 @@ class Metrics:
         self.readahead = Counter(
             "batchd_readahead_started", "Batches computed ahead of their request", registry=r
         )
+        self.announced_bytes = Counter(
+            "batchd_readahead_announced_bytes",
+            "Pack bytes announced to the kernel ahead of need (posix_fadvise WILLNEED)",
+            registry=r,
+        )
         self.cache_bytes = Gauge(
             "batchd_cache_bytes", "Bytes of finished batch bodies held in the cache", registry=r
         )
@@ -154,6 +200,7 @@ class Metrics:
         self._jobs_lock = threading.Lock()
         if registry is not None:
             r.register(_ResidentCollector(registry))
+        r.register(_DiskReadCollector())
 
     def job_progress(self, job: str, k: int) -> None:
         with self._jobs_lock:

@@ -34,14 +34,6 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(coro)
 
 
-@pytest.fixture
-def data(tmp_path: Path) -> Path:
-    root = tmp_path / "data"
-    root.mkdir()
-    tiny_pack(root / "tiny", n=40, hw=16)
-    return root
-
-
 def engine(data: Path, **kw: Any) -> Engine:
     return Engine(Registry(data), EngineConfig(**{"threads": 2, **kw}))
 

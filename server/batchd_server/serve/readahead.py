@@ -1,0 +1,94 @@
+"""Read-ahead by the permutation: the samples each job will ask for next, announced early.
+
+An epoch's order is a pure function of (seed, epoch), so the server knows which
+samples every active job needs next. After each request the engine hands this module
+the sample ids of the job's next batches; one thread announces them to the kernel
+(``posix_fadvise(WILLNEED)``, :meth:`Dataset.willneed`), earliest need first across
+all jobs, within a byte budget per job. The kernel reads them at a deep queue while
+the gather threads work, which then find whole samples in the page cache instead of
+faulting them in 4 KiB at a time.
+
+A pack found wholly in the page cache (``mincore``, checked every few seconds) is
+not announced: the fast path of a resident pack stays what it was.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+import numpy as np
+from numpy.typing import NDArray
+
+from ..format import Dataset
+
+__all__ = ["ReadAhead"]
+
+log = logging.getLogger("batchd.readahead")
+
+_RESIDENT_CHECK_S = 5.0
+_RESIDENT_SHARE = 0.98  # above this share in the page cache, a pack counts as resident
+
+
+class ReadAhead:
+    """One thread that announces sample reads in order of need; ``close`` stops it."""
+
+    def __init__(
+        self,
+        resident: Callable[[Dataset], float | None],
+        on_announced: Callable[[int], None] = lambda _n: None,
+    ) -> None:
+        self._resident = resident
+        self._on_announced = on_announced
+        self._heap: list[tuple[int, int, Dataset, NDArray[np.int64]]] = []
+        self._seq = itertools.count()
+        self._cv = threading.Condition()
+        self._checked: dict[str, tuple[float, bool]] = {}
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="batchd-readahead", daemon=True)
+        self._thread.start()
+
+    def needed(self, ds: Dataset) -> bool:
+        """Whether announcing reads of ``ds`` helps: it is read unmapped or not resident."""
+        if not ds.reads.startswith("mapped"):
+            return True
+        now = time.monotonic()
+        seen = self._checked.get(ds.fingerprint)
+        if seen is not None and now - seen[0] < _RESIDENT_CHECK_S:
+            return not seen[1]
+        share = self._resident(ds)
+        resident = share is not None and share >= _RESIDENT_SHARE
+        self._checked[ds.fingerprint] = (now, resident)
+        return not resident
+
+    def submit(self, ds: Dataset, distance: int, ids: NDArray[np.int64]) -> None:
+        """Announce ``ids`` of ``ds``, needed ``distance`` batches from now (smaller first)."""
+        with self._cv:
+            if self._closed:
+                return
+            heapq.heappush(self._heap, (distance, next(self._seq), ds, ids))
+            self._cv.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._heap and not self._closed:
+                    self._cv.wait()
+                if self._closed:
+                    return
+                _, _, ds, ids = heapq.heappop(self._heap)
+            try:
+                self._on_announced(ds.willneed(ids))
+            except Exception:  # read-ahead is advice: never let it stop the thread
+                log.exception("read-ahead of %s failed", ds.name)
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._heap.clear()
+            self._cv.notify_all()
+        self._thread.join(timeout=5)
