@@ -10,7 +10,7 @@ so :func:`write` can redraw them from an old JSON file too::
       "loaders":  [{contender, workload, label, unit, images_per_s: STAT, ...}],
       "sharing":  [{mode, label, trainers, images_per_s: STAT, server_cpu_s_per_1k: STAT,
                     memory_bytes: STAT, ...}],
-      "external": {"pack": {...} | null, "receive": {...} | null},   the other benches' JSON
+      "external": {"pack", "receive", "over-memory": {...} | null},  the other benches' JSON
       "ratios":   {name: float},          computed from medians of this run only
       "targets":  [{name, value, target, met}],
       "errors":   [{what, error}]          contenders that could not run, and why
@@ -287,10 +287,13 @@ def markdown(report: dict[str, Any]) -> str:
     for key, title in (
         ("pack", "Packing (contender 7)"),
         ("receive", "Client receive (contender 8)"),
+        ("over-memory", "A pack bigger than the server's memory cgroup (medians)"),
     ):
         ext = report.get("external", {}).get(key)
         if ext is None:
             continue
+        if key == "over-memory":
+            ext = ext.get("summary", ext)  # the per-run figures stay in the JSON
         lines += ["", f"## {title}", "", "| key | value |", "| --- | --- |"]
         for k, v in _flatten(ext):
             shown = f"{v:,.3f}" if isinstance(v, float) else str(v)
