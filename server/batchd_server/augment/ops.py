@@ -26,9 +26,6 @@ from .validators import REQUIRED, Bad, Validator, float_in, int_in, per_channel,
 
 __all__ = ["OPS", "Op", "parse_op"]
 
-# The server parallelises across samples; OpenCV's own threads would only contend.
-cv2.setNumThreads(1)
-
 Array = NDArray[Any]
 
 #: dtypes OpenCV resamples bilinearly (images under resize, rotate, random_resized_crop).

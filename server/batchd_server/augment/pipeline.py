@@ -49,7 +49,6 @@ from ..shuffle import uniforms
 from .ops import (
     LINEAR_DTYPES,
     NO_WARP_DTYPES,
-    OPS,
     HFlip,
     Normalize,
     Op,
@@ -530,7 +529,3 @@ def _normalize(src: Array, dst: Array, norm: _Norm, code: int | None) -> None:
         src = cv2.flip(src, code)
     np.multiply(src, scale if src.ndim == 3 else scale[0], out=dst)
     np.subtract(dst, offset if src.ndim == 3 else offset[0], out=dst)
-
-
-# Keep OPS reachable from here for callers that list the known ops.
-KNOWN_OPS = tuple(sorted(OPS))

@@ -26,7 +26,7 @@ import itertools
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -55,7 +55,7 @@ from .fill import filler
 from .memory import MemoryPlan
 from .memory import plan as memory_plan
 from .metrics import Metrics, resident_share
-from .pool import PriorityPool
+from .pool import ByteGate, PriorityPool
 from .readahead import ReadAhead
 from .registry import Registry
 from .request import BatchRequest
@@ -132,30 +132,6 @@ class _Prepared:
     job: tuple[Any, ...]
 
 
-class _ByteGate:
-    """Bounds the bytes of bodies being computed at once; one body always gets through."""
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self.used = 0
-        self._cv: asyncio.Condition | None = None
-
-    @contextlib.asynccontextmanager
-    async def hold(self, nbytes: int) -> AsyncIterator[None]:
-        if self._cv is None:
-            self._cv = asyncio.Condition()
-        cv = self._cv
-        async with cv:
-            await cv.wait_for(lambda: self.used == 0 or self.used + nbytes <= self.capacity)
-            self.used += nbytes
-        try:
-            yield
-        finally:
-            async with cv:
-                self.used -= nbytes
-                cv.notify_all()
-
-
 class _Stale(Exception):
     """The pack changed on disk after it was looked up; look it up again."""
 
@@ -206,7 +182,7 @@ class Engine:
         self._announcer = ReadAhead(resident_share, self.metrics.announced_bytes.inc)
         self._announced: LRU[tuple[Any, ...], int] = LRU(256)  # job -> last batch announced
         self._active: LRU[tuple[Any, ...], float] = LRU(256)  # job -> last request (monotonic)
-        self._gate = _ByteGate(self.memory.compute_bytes)
+        self._gate = ByteGate(self.memory.compute_bytes)
         for ds in registry.datasets():
             self._place(ds)
         self._pool = PriorityPool(self.config.threads)

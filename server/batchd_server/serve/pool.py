@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import itertools
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-__all__ = ["PriorityPool"]
+__all__ = ["ByteGate", "PriorityPool"]
 
 
 class PriorityPool:
@@ -53,3 +54,27 @@ class PriorityPool:
     def shutdown(self) -> None:
         for _ in self._threads:
             self._queue.put((1 << 30, next(self._seq), None))
+
+
+class ByteGate:
+    """Bounds the bytes of bodies being computed at once; one body always gets through."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.used = 0
+        self._cv: asyncio.Condition | None = None
+
+    @contextlib.asynccontextmanager
+    async def hold(self, nbytes: int) -> AsyncIterator[None]:
+        if self._cv is None:
+            self._cv = asyncio.Condition()
+        cv = self._cv
+        async with cv:
+            await cv.wait_for(lambda: self.used == 0 or self.used + nbytes <= self.capacity)
+            self.used += nbytes
+        try:
+            yield
+        finally:
+            async with cv:
+                self.used -= nbytes
+                cv.notify_all()
