@@ -95,6 +95,9 @@ class Dataset:
         self._lease: lease.Lease | None = None
         self._no_lease = "not taken"
         self._unmapped: str | None = None  # why mapped reads are off (set_read_path)
+        # A replaced or removed pack is dropped, not closed (batches may still read it):
+        # its files close when the last reference goes, without a ResourceWarning.
+        weakref.finalize(self, _close_files, self._files)
         try:
             self._open_all()
             self._take_lease()
@@ -470,6 +473,12 @@ class Dataset:
 
     def __repr__(self) -> str:
         return f"Dataset({str(self.path)!r}, count={self.count}, fields={list(self.fields)})"
+
+
+def _close_files(files: dict[str, IO[bytes]]) -> None:
+    for f in files.values():
+        f.close()
+    files.clear()
 
 
 def open_dataset(path: str | Path) -> Dataset:

@@ -192,19 +192,37 @@ def test_auth(server: ServerProcess, headers: dict[str, Any], status: int) -> No
         assert c.get("/healthz").json() == {"status": "ok"}  # always open
 
 
-def test_metrics(client: httpx.Client) -> None:
-    client.get(f"{BATCH}/2", params=params())
+def _samples(client: httpx.Client) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
     text = client.get("/metrics").text
-    for name in (
-        "batchd_batches_served_total",
-        "batchd_bytes_served_total",
-        "batchd_batch_latency_seconds_bucket",
-        "batchd_cache_hits_total",
-        "batchd_singleflight_joins_total",
-        "batchd_job_last_batch",
-        'batchd_dataset_resident_bytes{dataset="tiny"}',
-    ):
-        assert name in text, name
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for fam in text_string_to_metric_families(text)
+        for s in fam.samples
+    }
+
+
+def test_metrics_counters_move_with_the_traffic(client: httpx.Client) -> None:
+    tiny = (("dataset", "tiny"),)
+    before = _samples(client)
+    query = params(seed=77)  # a job no other test asks for: its batches start uncached
+    first = client.get(f"{BATCH}/1", params=query)
+    again = client.get(f"{BATCH}/1", params=query)  # the same batch: from the cache
+    assert client.get(f"{BATCH}/99", params=query).status_code == 404
+    after = _samples(client)
+
+    def moved(name: str, labels: tuple[tuple[str, str], ...] = ()) -> float:
+        return after.get((name, labels), 0.0) - before.get((name, labels), 0.0)
+
+    assert moved("batchd_batches_served_total", tiny) == 2
+    body = len(first.content) + len(again.content)
+    assert moved("batchd_bytes_served_total", tiny) == body
+    assert moved("batchd_cache_hits_total") >= 1 and moved("batchd_cache_misses_total") >= 1
+    assert moved("batchd_batch_latency_seconds_count") == 2
+    assert moved("batchd_requests_rejected_total", (("error", "batch_out_of_range"),)) == 1
+    assert after[("batchd_dataset_resident_bytes", tiny)] > 0
+    assert any(name == "batchd_job_last_batch" and v == 1 for (name, _), v in after.items())
 
 
 def test_openapi_lists_the_routes(client: httpx.Client) -> None:
