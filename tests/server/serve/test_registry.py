@@ -32,7 +32,7 @@ def test_lists_packs_and_says_why_one_is_unavailable(tmp_path: Path) -> None:
         assert described["a"]["available"] and described["a"]["count"] == 8
         assert not described["broken"]["available"]
         assert "image.raw" in described["broken"]["error"]
-        with pytest.raises(DatasetUnavailable, match="image.raw") as info:
+        with pytest.raises(DatasetUnavailable, match=r"image\.raw") as info:
             reg.get("broken")
         assert (info.value.status, info.value.code) == (404, "dataset_unavailable")
     finally:
