@@ -171,7 +171,9 @@ def test_dockerfile_base_user_and_signals() -> None:
     assert base == "${BASE_IMAGE}", "the base is a build argument (offline builds, docs/deploy.md)"
     (arg,) = [a for a in instructions("ARG") if a.startswith("BASE_IMAGE=")]
     default = arg.removeprefix("BASE_IMAGE=")
-    assert re.fullmatch(r"python:3\.11\.\d+-slim(-\w+)?", default), f"pin a slim 3.11 tag: {default}"
+    assert re.fullmatch(r"python:3\.11\.\d+-slim(-\w+)?", default), (
+        f"pin a slim 3.11 tag: {default}"
+    )
     users = instructions("USER")
     assert users, "the image must drop root"
     assert users[-1].split(":")[0] not in ("0", "root")

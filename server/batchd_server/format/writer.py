@@ -129,8 +129,14 @@ def _fsync_dir(path: Path) -> None:
 
 def _check_target(out: Path, overwrite: bool) -> None:
     if not out.exists() and not out.is_symlink():
-        if not out.parent.is_dir():
-            raise PackError(f"{out}: the parent folder {out.parent} does not exist")
+        try:  # as mkdir -p does: a new data folder is the usual first step
+            out.parent.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            raise PackError(f"{out}: {out.parent} exists and is not a folder") from None
+        except OSError as exc:
+            raise PackError(
+                f"{out}: cannot create the folder {out.parent}: {exc.strerror}"
+            ) from None
         return
     if not overwrite:
         raise PackError(f"{out} already exists; pass --overwrite (overwrite=True) to replace it")

@@ -266,10 +266,12 @@ class Engine:
         out_fields = self.output_fields(ds, pipeline)
         per_sample = 8 + sum(dt.itemsize * int(np.prod(shape)) for dt, shape in out_fields.values())
         cap = self.config.max_batch_bytes
-        if _BODY_OVERHEAD + per_sample * req.batch_size > cap:
+        rows = min(req.batch_size, plan.samples_per_rank)  # a batch holds no more than that
+        if _BODY_OVERHEAD + per_sample * rows > cap:
             fits = max(0, (cap - _BODY_OVERHEAD) // per_sample)
             raise BatchTooLarge(
-                f"batch_size={req.batch_size} needs about {per_sample * req.batch_size} bytes per "
+                f"batch_size={req.batch_size} ({rows} samples) needs about {per_sample * rows} "
+                "bytes per "
                 f"body ({per_sample} per sample); this server caps a body at {cap} bytes "
                 f"(--max-batch-bytes): use batch_size <= {fits}",
             )

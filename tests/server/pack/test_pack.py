@@ -447,3 +447,15 @@ def test_sigkill_mid_pack_leaves_nothing_open_dataset_accepts(tmp_path: Path) ->
     for p in debris:
         with pytest.raises(FormatError):
             open_dataset(p)
+
+
+def test_missing_parent_folders_are_made_as_mkdir_p(tmp_path: Path) -> None:
+    out = tmp_path / "data" / "nested" / "ds"  # neither data/ nor nested/ exists yet
+    pack_arrays(out, {"label": np.arange(5)})
+    with open_dataset(out) as ds:
+        assert ds.count == 5
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(PackError, match="exists and is not a folder"):
+        pack_arrays(tmp_path / "file" / "ds", {"label": np.arange(5)})
+    with pytest.raises(PackError, match="exists and is not a folder"):
+        pack_samples(tmp_path / "file" / "ds", [{"label": 1}])
