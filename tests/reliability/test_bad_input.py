@@ -420,7 +420,7 @@ BAD_PARAMS: list[dict[str, str]] = (
         {"batch_size": "4", "rank": str(10**20), "world_size": str(10**20 + 1)},
         {"batch_size": "4", "shuffle": "maybe"},
         {"batch_size": "4", "drop_last": "2"},
-        {"batch_size": str(10**6)},
+        {"batch_size": str(2**31)},  # just past MAX_BATCH_SIZE (10**6 is now one batch)
         {"batch_size": str(2**62)},
         {"batch_size": "40", "world_size": "64", "drop_last": "true"},
         {"batch_size": "4", "augment": "x" * 5000},

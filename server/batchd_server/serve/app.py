@@ -33,7 +33,7 @@ from batchd.wire import MAX_SEED, MAX_WORLD_SIZE, MSGPACK_MEDIA, SHM_MEDIA, is_l
 
 from ..errors import Rejected
 from .engine import Engine
-from .request import BatchRequest
+from .request import MAX_BATCH_SIZE, BatchRequest
 
 __all__ = ["create_app"]
 
@@ -82,7 +82,9 @@ WorldSize = Annotated[
         json_schema_extra=_range(1, MAX_WORLD_SIZE),
     ),
 ]
-BatchSize = Annotated[int, Query(description="samples per batch", json_schema_extra=_range(1))]
+BatchSize = Annotated[
+    int, Query(description="samples per batch", json_schema_extra=_range(1, MAX_BATCH_SIZE))
+]
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorBody, "description": "A parameter, name or pipeline is invalid"},
@@ -208,7 +210,8 @@ def create_app(engine: Engine, *, token: str | None = None) -> FastAPI:
     async def dataset_info(
         name: Name,
         batch_size: Annotated[
-            int | None, Query(description="add the epoch plan", json_schema_extra=_range(1))
+            int | None,
+            Query(description="add the epoch plan", json_schema_extra=_range(1, MAX_BATCH_SIZE)),
         ] = None,
         shuffle: bool = True,
         drop_last: bool = False,

@@ -17,7 +17,10 @@ from batchd.wire import MAX_SEED, MAX_WORLD_SIZE, check_int
 from ..errors import BatchOutOfRange, InvalidParameter
 from ..shuffle import EpochPlan
 
-__all__ = ["BatchRequest"]
+__all__ = ["MAX_BATCH_SIZE", "BatchRequest"]
+
+#: Far beyond any real batch; a larger value is a mistake, refused (invariant 5).
+MAX_BATCH_SIZE = 2**31 - 1
 
 
 def _check(name: str, value: int, low: int, high: int | None = None) -> None:
@@ -45,7 +48,7 @@ class BatchRequest:
     def __post_init__(self) -> None:
         _check("seed", self.seed, 0, MAX_SEED)
         _check("epoch", self.epoch, 0, MAX_SEED)
-        _check("batch_size", self.batch_size, 1)
+        _check("batch_size", self.batch_size, 1, MAX_BATCH_SIZE)
         # The cap keeps sample positions (index * world_size) inside int64: a larger
         # world_size was an OverflowError, a 500 (found by tests/reliability).
         _check("world_size", self.world_size, 1, MAX_WORLD_SIZE)

@@ -107,7 +107,7 @@ BAD: list[tuple[str, dict[str, Any], int, str, str]] = [
     (f"{BATCH}/5", params(), 404, "batch_out_of_range", "5 batches"),
     (f"{BATCH}/-1", params(), 404, "batch_out_of_range", "5 batches"),
     (f"{BATCH}/x", params(), 400, "invalid_parameter", "'k'"),
-    (f"{BATCH}/0", params(batch_size=0), 400, "invalid_parameter", "batch_size: must be >= 1"),
+    (f"{BATCH}/0", params(batch_size=0), 400, "invalid_parameter", "batch_size: must be in 1.."),
     (f"{BATCH}/0", {}, 400, "invalid_parameter", "'batch_size'"),
     (f"{BATCH}/0", params(rank=2, world_size=2), 400, "invalid_parameter", "rank"),
     (f"{BATCH}/0", params(world_size=0), 400, "invalid_parameter", "world_size: must be in 1.."),
