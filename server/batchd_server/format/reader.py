@@ -88,6 +88,8 @@ class Dataset:
         self.count: int = header["count"]
         self.classes: list[str] | None = header.get("classes")
         self.fingerprint = fingerprint_of(header)
+        #: Bytes of all the pack's data files (what the page cache would hold).
+        self.nbytes: int = sum(int(rec["size"]) for rec in header["files"].values())
         self.fields: dict[str, FieldSpec] = {}
         self._files: dict[str, IO[bytes]] = {}
         self._stats: dict[str, tuple[int, int, int]] = {}
@@ -175,11 +177,6 @@ class Dataset:
         # A replaced dataset is dropped, not closed (batches may still be reading it):
         # give its lease and file duplicates back when it is collected.
         weakref.finalize(self, got.release, "the dataset was closed")
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of all the pack's data files (what the page cache would hold)."""
-        return sum(int(rec["size"]) for rec in self.header["files"].values())
 
     @property
     def unmapped(self) -> str | None:

@@ -234,6 +234,7 @@ def serve(
 
     from .app import create_app
     from .engine import Engine, EngineConfig
+    from .memory import CGROUP
     from .memory import plan as memory_plan
     from .registry import Registry
 
@@ -293,7 +294,7 @@ def serve(
         "on" if token else "off",
     )
     arena = None
-    if same_host and shm is None and memory.source == "the cgroup memory limit":
+    if same_host and shm is None and memory.source == CGROUP:
         shm = False
         log.info(
             "batch bodies go over the socket: in /dev/shm they would be charged to this "

@@ -154,6 +154,11 @@ def _layout(
     )
 
 
+def _row_bytes(fields: dict[str, tuple[np.dtype[Any], tuple[int, ...]]]) -> int:
+    """Body bytes per sample: its sample id and every output field."""
+    return 8 + sum(dt.itemsize * int(np.prod(shape)) for dt, shape in fields.values())
+
+
 def _chunks(rows: int, parts: int) -> list[tuple[int, int]]:
     parts = max(1, min(parts, rows // _MIN_ROWS_PER_CHUNK or 1))
     bounds = np.linspace(0, rows, parts + 1).astype(int)
@@ -264,7 +269,7 @@ class Engine:
         plan = req.plan(ds.count)
         req.check_k(plan)
         out_fields = self.output_fields(ds, pipeline)
-        per_sample = 8 + sum(dt.itemsize * int(np.prod(shape)) for dt, shape in out_fields.values())
+        per_sample = _row_bytes(out_fields)
         cap = self.config.max_batch_bytes
         rows = min(req.batch_size, plan.samples_per_rank)  # a batch holds no more than that
         if _BODY_OVERHEAD + per_sample * rows > cap:
@@ -480,10 +485,7 @@ class Engine:
 
     @staticmethod
     def _body_bytes(prep: _Prepared) -> int:
-        per_sample = sum(
-            dt.itemsize * int(np.prod(shape)) for dt, shape in prep.out_fields.values()
-        )
-        return per_sample * prep.req.batch_size
+        return _row_bytes(prep.out_fields) * prep.req.batch_size
 
     def _readahead_done(self, task: asyncio.Task[Any]) -> None:
         self._readahead_flights -= 1

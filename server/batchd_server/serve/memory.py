@@ -14,7 +14,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["MemoryPlan", "memory_limit", "plan"]
+__all__ = ["CGROUP", "MemoryPlan", "memory_limit", "plan"]
+
+#: :attr:`MemoryPlan.source` when the budget is the cgroup's memory limit.
+CGROUP = "the cgroup memory limit"
 
 _UNLIMITED = 1 << 60  # cgroup v1 reports "no limit" as about 2**63
 _CGROUP = Path("/sys/fs/cgroup")
@@ -74,7 +77,7 @@ def memory_limit() -> tuple[int, str]:
     ram = _ram()
     cg = _cgroup_limit()
     if cg is not None and cg < ram:
-        return cg, "the cgroup memory limit"
+        return cg, CGROUP
     return ram, "the machine's RAM"
 
 

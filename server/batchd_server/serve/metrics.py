@@ -33,7 +33,14 @@ if TYPE_CHECKING:
     from ..format import Dataset
     from .registry import Registry
 
-__all__ = ["MAX_JOBS", "Metrics", "disk_read_bytes", "resident_bytes", "resident_share"]
+__all__ = [
+    "MAX_JOBS",
+    "Metrics",
+    "dataset_resident_bytes",
+    "disk_read_bytes",
+    "resident_bytes",
+    "resident_share",
+]
 
 #: Jobs (dataset, seed, epoch, batch parameters, pipeline) whose progress is exported.
 MAX_JOBS = 64
@@ -95,30 +102,32 @@ class _ResidentCollector:
             labels=["dataset"],
         )
         for ds in self.registry.datasets():
-            total = 0
-            for fname in ds.header["files"]:
-                got = resident_bytes(ds.path / fname)
-                if got is None:
-                    break
-                total += got
-            else:
-                fam.add_metric([ds.name], float(total))
+            got = dataset_resident_bytes(ds)
+            if got is not None:
+                fam.add_metric([ds.name], float(got))
         yield fam
 
     def describe(self) -> list[Any]:
         return []
 
 
-def resident_share(ds: Dataset) -> float | None:
-    """The share of ``ds``'s data files in the page cache, or None if it cannot be told."""
-    total = resident = 0
-    for fname, rec in ds.header["files"].items():
+def dataset_resident_bytes(ds: Dataset) -> int | None:
+    """Bytes of ``ds``'s data files in the page cache, or None if it cannot be told."""
+    total = 0
+    for fname in ds.header["files"]:
         got = resident_bytes(ds.path / fname)
         if got is None:
             return None
-        resident += got
-        total += int(rec["size"])
-    return resident / total if total else 1.0
+        total += got
+    return total
+
+
+def resident_share(ds: Dataset) -> float | None:
+    """The share of ``ds``'s data files in the page cache, or None if it cannot be told."""
+    got = dataset_resident_bytes(ds)
+    if got is None:
+        return None
+    return got / ds.nbytes if ds.nbytes else 1.0
 
 
 def disk_read_bytes() -> int | None:
