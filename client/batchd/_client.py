@@ -475,6 +475,8 @@ class Client:
 
         Use ``DataLoader(ds, batch_size=None, num_workers=W)``: worker ``w`` takes
         batches ``w, w+W, ...`` so the workers together yield the epoch once.
+        ``ds.set_epoch(e)`` reaches the workers, persistent or not; without it each new
+        pass over the DataLoader is the next epoch.
         """
         from ._torch import TorchDataset, resolve_shard
 
