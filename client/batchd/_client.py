@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 __all__ = ["Client", "datasets"]
 
 T = TypeVar("T")
+K = TypeVar("K")
 Batch = dict[str, NDArray[Any]]
 
 _STATE_FORMAT = "batchd.Client/1"
@@ -101,7 +102,7 @@ def _urls(urls: str | Sequence[str]) -> tuple[str, ...]:
 
 
 def _prefetched(
-    ks: Iterable[int], fetch: Callable[[int, Cancel], T], depth: int
+    ks: Iterable[K], fetch: Callable[[K, Cancel], T], depth: int
 ) -> Generator[T, None, None]:
     """``fetch(k)`` for each k in order, ``depth`` requests in flight on worker threads.
 
@@ -359,8 +360,9 @@ class Client:
         first = default_start if start is None else check_int("start", start, 0)
         return self._iterate(epoch, first, progress)
 
-    def _iterate(self, epoch: int, start: int, progress: bool) -> Iterator[Batch]:
-        info = self.refresh()  # the fingerprint every batch of this epoch must carry
+    def _start(self, epoch: int, start: int) -> DatasetInfo:
+        """The info every batch of ``epoch`` must match, once ``start`` is checked against it."""
+        info = self.refresh()
         if start > info.batches:
             raise ValueError(f"start={start} is past the end of the epoch ({info.batches} batches)")
         resumed = self._resume_fingerprint
@@ -370,6 +372,10 @@ class Client:
                 f"{info.fingerprint}) since the state was saved mid-epoch {epoch}: "
                 "restart the epoch / re-create the client"
             )
+        return info
+
+    def _iterate(self, epoch: int, start: int, progress: bool) -> Iterator[Batch]:
+        info = self._start(epoch, start)
         bar = _progress_bar(info, epoch, start) if progress else None
         batches = _prefetched(
             range(start, info.batches),
@@ -388,6 +394,56 @@ class Client:
             batches.close()  # cancel and join the fetchers now, not at garbage collection
             if bar is not None:
                 bar.close()
+
+    def stream(self, epoch: int | None = None, start: int | None = None) -> Iterator[Batch]:
+        """Batches forever: ``start``..end of ``epoch``, then every batch of ``epoch + 1``, ...
+
+        For loops that count steps, not epochs. Each epoch comes in full and in order
+        before the next begins; requests run ``prefetch`` ahead, across epoch
+        boundaries too. After each batch the position (:attr:`epoch`,
+        :attr:`next_batch`, :meth:`state_dict`) is the batch after it, so
+        ``load_state_dict`` then ``stream()`` resumes at the exact next batch. With no
+        ``epoch``, start at that position. Each epoch's plan and fingerprint are
+        fetched when the stream reaches it, as :meth:`iterate` does; a dataset that
+        changes mid-epoch raises :class:`FingerprintError`. Close it to stop.
+        """
+        if epoch is None:
+            epoch, default_start = self._epoch, self._next
+        else:
+            epoch, default_start = check_int("epoch", epoch, 0, MAX_SEED), 0
+        first = default_start if start is None else check_int("start", start, 0)
+        return self._stream(epoch, first)
+
+    def _stream(self, epoch: int, start: int) -> Iterator[Batch]:
+        info = self._start(epoch, start)
+
+        def todo() -> Iterator[tuple[int, int, DatasetInfo]]:
+            e, k, plan = epoch, start, info
+            while True:
+                if k >= plan.batches:
+                    e, k, plan = e + 1, 0, self.refresh()  # the next epoch's fingerprint
+                    if plan.batches == 0:
+                        raise ValueError(
+                            f"dataset {self.dataset!r} has no batches in an epoch for this "
+                            "client (drop_last with fewer samples than batch_size?): "
+                            "nothing to stream"
+                        )
+                yield e, k, plan
+                k += 1
+
+        batches = _prefetched(
+            todo(),
+            lambda t, c: (t, self.fetch(t[0], t[1], info=t[2], cancel=c)),
+            self.prefetch,
+        )
+        try:
+            for (e, k, plan), batch in batches:
+                last = k + 1 >= plan.batches
+                self._epoch, self._next = (e + 1, 0) if last else (e, k + 1)
+                self._resume_fingerprint = plan.fingerprint
+                yield batch
+        finally:
+            batches.close()
 
     # -- resume ---------------------------------------------------------------------
 
