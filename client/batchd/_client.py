@@ -518,9 +518,11 @@ class Client:
         """A ``keras.utils.PyDataset`` over this client's epochs (imports keras now).
 
         ``x``/``y``: a field name or a tuple of names (multi-input/-output);
-        ``kwargs`` (``workers``, ``use_multiprocessing``, ``max_queue_size``) go to
-        ``PyDataset``. Batch ``k`` is batch ``k`` of the current epoch; each
-        ``on_epoch_end`` moves to the next epoch.
+        ``kwargs`` (``workers``, ``use_multiprocessing``, ``max_queue_size``) are
+        accepted as ``PyDataset`` takes them. While Keras trains, each step is the next
+        batch of :meth:`stream`: with ``steps_per_epoch`` unset a Keras epoch is one
+        batchd epoch; with ``steps_per_epoch=S`` it is the next ``S`` batches, epochs
+        back to back, so nothing runs out and no batch is skipped or repeated.
         """
         from ._keras import KerasDataset
 
