@@ -56,6 +56,7 @@ from .pool import PriorityPool
 from .registry import Registry
 from .request import BatchRequest
 from .shm import ShmArena
+from .splits import SplitIds
 
 __all__ = ["Engine", "EngineConfig", "Served"]
 
@@ -126,6 +127,8 @@ class _Prepared:
     out_fields: dict[str, tuple[np.dtype[Any], tuple[int, ...]]]
     key: tuple[Any, ...]
     job: tuple[Any, ...]
+    split: NDArray[np.int64] | None = None
+    """The split's pack ids; the plan's positions index it (None: the whole pack)."""
 
 
 class _Stale(Exception):
@@ -183,7 +186,9 @@ class Engine:
         self._pipelines: LRU[str, Pipeline] = LRU(256)
         self._out_fields: LRU[tuple[str, str], dict[str, tuple[np.dtype[Any], tuple[int, ...]]]]
         self._out_fields = LRU(256)
-        self._orders: LRU[tuple[str, int, int], asyncio.Future[NDArray[np.integer]]] = LRU(8)
+        self._orders: LRU[tuple[str, int, int, int], asyncio.Future[NDArray[np.integer]]]
+        self._orders = LRU(8)
+        self._split_ids = SplitIds(self._pool)
         with contextlib.suppress(ImportError):  # one OpenCV thread per pool worker
             import cv2
 
@@ -233,9 +238,11 @@ class Engine:
         # A lookup may rescan --data and open packs: file I/O, so off the event loop.
         return await asyncio.to_thread(self.registry.get, name)
 
-    def _prepare(self, req: BatchRequest, ds: Dataset) -> _Prepared:
+    def _prepare(
+        self, req: BatchRequest, ds: Dataset, split: NDArray[np.int64] | None = None
+    ) -> _Prepared:
         pipeline = self.pipeline(req.augment)
-        plan = req.plan(ds.count)
+        plan = req.plan(ds.count if split is None else len(split))
         req.check_k(plan)
         out_fields = self.output_fields(ds, pipeline)
         per_sample = 8 + sum(dt.itemsize * int(np.prod(shape)) for dt, shape in out_fields.values())
@@ -257,8 +264,9 @@ class Engine:
             req.rank,
             req.world_size,
             pipeline.canonical,
+            req.split_key,
         )
-        return _Prepared(req, ds, plan, pipeline, out_fields, (*job, req.k), job)
+        return _Prepared(req, ds, plan, pipeline, out_fields, (*job, req.k), job, split)
 
     # --- serving ----------------------------------------------------------------
 
@@ -281,7 +289,7 @@ class Engine:
 
     async def _batch(self, req: BatchRequest) -> Served:
         ds = await self.dataset(req.dataset)
-        prep = self._prepare(req, ds)
+        prep = self._prepare(req, ds, await self._split_ids.ids(ds, req))
         self.metrics.job_progress(job_label(req.dataset, prep.job), req.k)
         source: Literal["hit", "miss", "join"]
         body = self._cache.get(prep.key)
@@ -324,15 +332,17 @@ class Engine:
         self.metrics.cache_bytes.set(self._cache.nbytes)
         return body
 
-    async def _order(self, ds: Dataset, req: BatchRequest) -> NDArray[np.integer] | None:
+    async def _order(
+        self, ds: Dataset, req: BatchRequest, count: int
+    ) -> NDArray[np.integer] | None:
         if not req.shuffle:
             return None
-        key = (ds.fingerprint, req.seed, req.epoch)
+        key = (ds.fingerprint, req.seed, req.epoch, count)  # count: of the split, or the pack
         fut = self._orders.get(key)
         if fut is None:
             # Computed once per (dataset, seed, epoch) and shared; the future itself is
             # cached so concurrent first requests wait for one computation.
-            fut = self._pool.submit(_FOREGROUND, permutation, ds.count, req.seed, req.epoch)
+            fut = self._pool.submit(_FOREGROUND, permutation, count, req.seed, req.epoch)
             self._orders.put(key, fut)
         try:
             return await asyncio.shield(fut)
@@ -342,8 +352,10 @@ class Engine:
 
     async def _compute(self, prep: _Prepared, flight: _Flight) -> NDArray[np.uint8]:
         req, ds = prep.req, prep.dataset
-        order = await self._order(ds, req)
+        order = await self._order(ds, req, prep.plan.count)
         ids = prep.plan.batch_ids(order, req.k)
+        if prep.split is not None:  # positions in the split -> the pack's ids
+            ids = prep.split[ids]
         alloc = self.shm.allocate if self.shm is not None else self._bodies.take
         lay: Layout = await self._pool.submit(
             flight.priority, _layout, req, ds.fingerprint, len(ids), prep.out_fields, alloc
@@ -402,6 +414,7 @@ class Engine:
                 prep.out_fields,
                 key,
                 prep.job,
+                prep.split,
             )
             self._readahead_flights += 1
             self.metrics.readahead.inc()
@@ -429,8 +442,14 @@ class Engine:
         rank: int = 0,
         world_size: int = 1,
         augment: str | None = None,
+        split: str | None = None,
+        split_seed: int = 0,
+        stratify: str | None = None,
     ) -> dict[str, Any]:
-        """Dataset facts; with ``batch_size`` the epoch plan, with ``augment`` the batch fields."""
+        """Dataset facts; with ``batch_size`` the epoch plan, with ``augment`` the batch fields.
+
+        With ``split``, ``count`` and the plan are the split's (``pack_count`` is the pack's).
+        """
         # Every parameter given is checked, whether or not a plan is asked for.
         probe = BatchRequest(
             dataset=name,
@@ -440,11 +459,20 @@ class Engine:
             drop_last=drop_last,
             rank=rank,
             world_size=world_size,
+            split=split,
+            split_seed=split_seed,
+            stratify=stratify,
         )
         ds = await self.dataset(name)
+        ids = await self._split_ids.ids(ds, probe)
+        count = ds.count if ids is None else len(ids)
         out: dict[str, Any] = {
             "name": name,
-            "count": ds.count,
+            "count": count,
+            "pack_count": ds.count,
+            "split": None
+            if probe.split is None
+            else {"split": probe.split, "split_seed": split_seed, "stratify": stratify},
             "fingerprint": ds.fingerprint,
             "classes": list(ds.classes) if ds.classes is not None else None,
             "fields": {
@@ -463,7 +491,7 @@ class Engine:
                 n: {"dtype": dt.str, "shape": list(shape)} for n, (dt, shape) in fields.items()
             }
         if batch_size is not None:
-            plan = probe.plan(ds.count)
+            plan = probe.plan(count)
             out["plan"] = {
                 "batch_size": batch_size,
                 "shuffle": shuffle,
