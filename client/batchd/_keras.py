@@ -16,7 +16,9 @@ build peek) must not decide which batchd epoch a step trains on. So:
   two and a half. The stream carries on across ``fit`` calls.
 
 ``seq.epoch`` and ``seq.client.state_dict()`` give the stream's position (the batch the
-next step trains on). Outside training, ``seq[k]`` is batch ``k`` of that epoch.
+next step trains on). Outside training, ``seq[k]`` is batch ``k`` of that epoch. A
+validation seq is a stream too: each evaluation takes the next epoch of its client,
+which with ``shuffle=False`` and no augmentation holds the same batches every time.
 
 Keras tells a ``PyDataset`` neither ``steps_per_epoch`` nor that a request is its build
 peek (one batch it looks at for shapes before training, and drops). Both are read from
