@@ -127,7 +127,7 @@ class _Prepared:
     out_fields: dict[str, tuple[np.dtype[Any], tuple[int, ...]]]
     key: tuple[Any, ...]
     job: tuple[Any, ...]
-    split: NDArray[np.int64] | None = None
+    split: NDArray[np.integer] | None = None
     """The split's pack ids; the plan's positions index it (None: the whole pack)."""
 
 
@@ -239,7 +239,7 @@ class Engine:
         return await asyncio.to_thread(self.registry.get, name)
 
     def _prepare(
-        self, req: BatchRequest, ds: Dataset, split: NDArray[np.int64] | None = None
+        self, req: BatchRequest, ds: Dataset, split: NDArray[np.integer] | None = None
     ) -> _Prepared:
         pipeline = self.pipeline(req.augment)
         plan = req.plan(ds.count if split is None else len(split))
@@ -355,7 +355,7 @@ class Engine:
         order = await self._order(ds, req, prep.plan.count)
         ids = prep.plan.batch_ids(order, req.k)
         if prep.split is not None:  # positions in the split -> the pack's ids
-            ids = prep.split[ids]
+            ids = prep.split[ids].astype(np.int64)
         alloc = self.shm.allocate if self.shm is not None else self._bodies.take
         lay: Layout = await self._pool.submit(
             flight.priority, _layout, req, ds.fingerprint, len(ids), prep.out_fields, alloc

@@ -23,7 +23,7 @@ from .request import BatchRequest
 __all__ = ["SplitIds"]
 
 
-def _resolve(ds: Dataset, req: BatchRequest, field: str | None) -> NDArray[np.int64]:
+def _resolve(ds: Dataset, req: BatchRequest, field: str | None) -> NDArray[np.integer]:
     labels = None
     if field is not None:
         # read_rows, not the mapping: one preadv, safe with or without a read lease.
@@ -35,19 +35,26 @@ def _resolve(ds: Dataset, req: BatchRequest, field: str | None) -> NDArray[np.in
                 f"dataset {req.dataset!r} changed on disk while its {field!r} field was read "
                 f"for stratify ({exc.problem}); retry when it is written"
             ) from None
-    ids = req.split_ids(ds.count, labels)
+    # 4 bytes a sample, as the engine keeps its permutations: the cache is a budget.
+    ids: NDArray[np.integer] = req.split_ids(ds.count, labels)
+    if ds.count < 2**32:
+        ids = ids.astype(np.uint32)
     ids.setflags(write=False)  # shared by every request of the split
     return ids
 
 
 class SplitIds:
-    """``await ids(ds, req)``: the split's pack ids in ascending order, or None (no split)."""
+    """``await ids(ds, req)``: the split's pack ids in ascending order, or None (no split).
 
-    def __init__(self, pool: PriorityPool, size: int = 32) -> None:
+    Ids are ``uint32`` below 2**32 samples; at most ``size`` splits are kept (a split of a
+    10-million-sample pack is 40 MB).
+    """
+
+    def __init__(self, pool: PriorityPool, size: int = 8) -> None:
         self._pool = pool
-        self._known: LRU[tuple[Any, ...], asyncio.Future[NDArray[np.int64]]] = LRU(size)
+        self._known: LRU[tuple[Any, ...], asyncio.Future[NDArray[np.integer]]] = LRU(size)
 
-    async def ids(self, ds: Dataset, req: BatchRequest) -> NDArray[np.int64] | None:
+    async def ids(self, ds: Dataset, req: BatchRequest) -> NDArray[np.integer] | None:
         split = req.split_key
         if split is None:
             return None
