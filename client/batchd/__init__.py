@@ -15,6 +15,7 @@ from ._exceptions import (
     WireError,
 )
 from ._info import DatasetInfo, FieldInfo
+from ._split import kfold
 
 __version__ = "0.1.0"
 
@@ -35,6 +36,7 @@ __all__ = [
     "WireError",
     "__version__",
     "datasets",
+    "kfold",
 ]
 
 # Public names belong to the package, as tracebacks and docs should show them.

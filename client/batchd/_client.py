@@ -1,7 +1,7 @@
 """The client: epochs of batches from a batchd server, fetched ahead, checked, resumable.
 
-A batch is a pure function of the request (dataset fingerprint, seed, epoch, shuffle,
-batch size, drop_last, rank, world size, pipeline, index), so the client keeps no
+A batch is a pure function of the request (dataset fingerprint, split, split seed,
+seed, epoch, shuffle, batch size, drop_last, rank, world size, pipeline, index), so the client keeps no
 server-side session: it asks for batch ``k`` of epoch ``e`` and gets the same bytes
 from any replica, before or after a restart. What it does keep is the trainer's
 position (epoch, next batch) for :meth:`Client.state_dict`.
@@ -17,18 +17,17 @@ import json
 import os
 import threading
 import urllib.parse
-from collections import deque
-from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass
-from itertools import islice
-from typing import TYPE_CHECKING, Any, TypeVar
+from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
+from dataclasses import asdict
+from typing import TYPE_CHECKING, Any
 
 from numpy.typing import NDArray
 
 from ._exceptions import FingerprintError, StateError, TransportError, WireError
 from ._info import DatasetInfo, parse_info
-from ._transport import Cancel, Transport, parse_url
+from ._params import Params, augment_json, split_params, urls_of
+from ._prefetch import prefetched
+from ._transport import Cancel, Transport
 from .wire import MAX_SEED, check_int, decode_batch
 
 if TYPE_CHECKING:
@@ -37,94 +36,10 @@ if TYPE_CHECKING:
 
 __all__ = ["Client", "datasets"]
 
-T = TypeVar("T")
 Batch = dict[str, NDArray[Any]]
 
 _STATE_FORMAT = "batchd.Client/1"
 _DEFAULT_RETRY_DEADLINE = 120.0
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class _Params:
-    """Everything that decides which bytes a batch holds (besides epoch and index)."""
-
-    dataset: str
-    batch_size: int
-    seed: int
-    shuffle: bool
-    drop_last: bool
-    augment: str
-    """The pipeline as compact, key-sorted JSON: identical pipelines give identical URLs."""
-    rank: int
-    world_size: int
-
-    def plan_query(self) -> dict[str, str]:
-        # The pipeline too: the server validates it (an early 400) and lists its outputs.
-        return {
-            "batch_size": str(self.batch_size),
-            "shuffle": _flag(self.shuffle),
-            "drop_last": _flag(self.drop_last),
-            "rank": str(self.rank),
-            "world_size": str(self.world_size),
-            "augment": self.augment,
-        }
-
-    def batch_query(self, epoch: int) -> dict[str, str]:
-        return {"seed": str(self.seed), "epoch": str(epoch), **self.plan_query()}
-
-
-def _flag(value: bool) -> str:
-    return "true" if value else "false"
-
-
-def _augment_json(augment: Sequence[Mapping[str, Any]] | None) -> str:
-    steps = list(augment or [])
-    for i, step in enumerate(steps):
-        if not isinstance(step, Mapping) or not isinstance(step.get("op"), str):
-            raise ValueError(
-                f"augment[{i}] = {step!r}: each step must be a dict with an 'op' name, "
-                'e.g. {"op": "hflip", "p": 0.5}'
-            )
-    try:
-        return json.dumps(steps, separators=(",", ":"), sort_keys=True, allow_nan=False)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"augment must be plain JSON (numbers, strings, lists): {exc}") from exc
-
-
-def _urls(urls: str | Sequence[str]) -> tuple[str, ...]:
-    out = (urls,) if isinstance(urls, str) else tuple(urls)
-    if not out:
-        raise ValueError("give at least one server URL, e.g. 'http://127.0.0.1:8000'")
-    for url in out:
-        parse_url(url)  # fail at construction, not at the first batch
-    return out
-
-
-def _prefetched(
-    ks: Iterable[int], fetch: Callable[[int, Cancel], T], depth: int
-) -> Generator[T, None, None]:
-    """``fetch(k)`` for each k in order, ``depth`` requests in flight on worker threads.
-
-    Closing the generator cancels what is in flight (sockets are shut down, so blocked
-    reads return at once) and joins the threads before returning.
-    """
-    cancel = Cancel()
-    pool = ThreadPoolExecutor(max_workers=depth, thread_name_prefix="batchd-fetch")
-    pending: deque[Future[T]] = deque()
-    todo = iter(ks)
-    try:
-        pending.extend(pool.submit(fetch, k, cancel) for k in islice(todo, depth))
-        while pending:
-            result = pending.popleft().result()
-            # Refill before yielding so `depth` requests overlap the caller's step.
-            for k in islice(todo, 1):
-                pending.append(pool.submit(fetch, k, cancel))
-            yield result
-    finally:
-        cancel.cancel()
-        for fut in pending:
-            fut.cancel()
-        pool.shutdown(wait=True)
 
 
 class Client:
@@ -138,6 +53,14 @@ class Client:
     connect and each socket read; failures are retried until ``retry_deadline``
     seconds have passed (long enough to ride out a server restart). ``transport``
     replaces the HTTP transport, for tests (:class:`batchd.testing.MockTransport`).
+
+    ``split`` serves part of the pack: ``"[:80%]"``, ``"[80%:]"``, ``"[:1000]"``,
+    ``"[:20%]+[40%:]"`` (tfds / Hugging Face slice syntax) over a fixed split order, a
+    permutation of the pack from ``split_seed`` alone, so ``[:80%]`` and ``[80%:]``
+    are disjoint, cover the pack and are class-mixed. ``stratify="label"`` (an integer
+    field) cuts every class in the same proportion. Everything else (epochs, ranks,
+    augmentation per sample id, ``index``, resume) works within the split as on the
+    whole pack; :func:`batchd.kfold` gives the two splits of a fold.
     """
 
     def __init__(
@@ -150,6 +73,9 @@ class Client:
         shuffle: bool = True,
         drop_last: bool = False,
         augment: Sequence[Mapping[str, Any]] | None = None,
+        split: str | None = None,
+        split_seed: int = 0,
+        stratify: str | None = None,
         rank: int | None = None,
         world_size: int | None = None,
         token: str | None = None,
@@ -166,16 +92,20 @@ class Client:
             raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
         if not (isinstance(retry_deadline, int | float) and retry_deadline >= 0):
             raise ValueError(f"retry_deadline must be >= 0 seconds, got {retry_deadline!r}")
-        self.urls = _urls(urls)
-        self._params = _Params(
+        split, split_seed, stratify = split_params(split, split_seed, stratify)
+        self.urls = urls_of(urls)
+        self._params = Params(
             dataset=dataset,
             batch_size=check_int("batch_size", batch_size, 1),
             seed=check_int("seed", seed, 0, MAX_SEED),
             shuffle=bool(shuffle),
             drop_last=bool(drop_last),
-            augment=_augment_json(augment),
+            augment=augment_json(augment),
             rank=rk,
             world_size=ws,
+            split=split,
+            split_seed=split_seed,
+            stratify=stratify,
         )
         self._shard_given = rank is not None or world_size is not None
         self._token = token if token is not None else os.environ.get("BATCHD_TOKEN") or None
@@ -241,7 +171,13 @@ class Client:
         return (
             f"Client({list(self.urls)!r}, {p.dataset!r}, batch_size={p.batch_size}, seed={p.seed}, "
             f"shuffle={p.shuffle}, drop_last={p.drop_last}, rank={p.rank}, "
-            f"world_size={p.world_size})"
+            f"world_size={p.world_size}"
+            + (
+                ""
+                if p.split is None
+                else f", split={p.split!r}, split_seed={p.split_seed}, stratify={p.stratify!r}"
+            )
+            + ")"
         )
 
     # -- dataset --------------------------------------------------------------------
@@ -339,7 +275,7 @@ class Client:
         :meth:`iterate` is the resumable walk; this is for adapters and samplers.
         """
         expect = info if info is not None else self.info
-        return _prefetched(
+        return prefetched(
             ks, lambda k, c: self.fetch(epoch, k, info=expect, cancel=c), self.prefetch
         )
 
@@ -359,8 +295,9 @@ class Client:
         first = default_start if start is None else check_int("start", start, 0)
         return self._iterate(epoch, first, progress)
 
-    def _iterate(self, epoch: int, start: int, progress: bool) -> Iterator[Batch]:
-        info = self.refresh()  # the fingerprint every batch of this epoch must carry
+    def _start(self, epoch: int, start: int) -> DatasetInfo:
+        """The info every batch of ``epoch`` must match, once ``start`` is checked against it."""
+        info = self.refresh()
         if start > info.batches:
             raise ValueError(f"start={start} is past the end of the epoch ({info.batches} batches)")
         resumed = self._resume_fingerprint
@@ -370,8 +307,12 @@ class Client:
                 f"{info.fingerprint}) since the state was saved mid-epoch {epoch}: "
                 "restart the epoch / re-create the client"
             )
+        return info
+
+    def _iterate(self, epoch: int, start: int, progress: bool) -> Iterator[Batch]:
+        info = self._start(epoch, start)
         bar = _progress_bar(info, epoch, start) if progress else None
-        batches = _prefetched(
+        batches = prefetched(
             range(start, info.batches),
             lambda k, c: self.fetch(epoch, k, info=info, cancel=c),
             self.prefetch,
@@ -388,6 +329,56 @@ class Client:
             batches.close()  # cancel and join the fetchers now, not at garbage collection
             if bar is not None:
                 bar.close()
+
+    def stream(self, epoch: int | None = None, start: int | None = None) -> Iterator[Batch]:
+        """Batches forever: ``start``..end of ``epoch``, then every batch of ``epoch + 1``, ...
+
+        For loops that count steps, not epochs. Each epoch comes in full and in order
+        before the next begins; requests run ``prefetch`` ahead, across epoch
+        boundaries too. After each batch the position (:attr:`epoch`,
+        :attr:`next_batch`, :meth:`state_dict`) is the batch after it, so
+        ``load_state_dict`` then ``stream()`` resumes at the exact next batch. With no
+        ``epoch``, start at that position. Each epoch's plan and fingerprint are
+        fetched when the stream reaches it, as :meth:`iterate` does; a dataset that
+        changes mid-epoch raises :class:`FingerprintError`. Close it to stop.
+        """
+        if epoch is None:
+            epoch, default_start = self._epoch, self._next
+        else:
+            epoch, default_start = check_int("epoch", epoch, 0, MAX_SEED), 0
+        first = default_start if start is None else check_int("start", start, 0)
+        return self._stream(epoch, first)
+
+    def _stream(self, epoch: int, start: int) -> Iterator[Batch]:
+        info = self._start(epoch, start)
+
+        def todo() -> Iterator[tuple[int, int, DatasetInfo]]:
+            e, k, plan = epoch, start, info
+            while True:
+                if k >= plan.batches:
+                    e, k, plan = e + 1, 0, self.refresh()  # the next epoch's fingerprint
+                    if plan.batches == 0:
+                        raise ValueError(
+                            f"dataset {self.dataset!r} has no batches in an epoch for this "
+                            "client (drop_last with fewer samples than batch_size?): "
+                            "nothing to stream"
+                        )
+                yield e, k, plan
+                k += 1
+
+        batches = prefetched(
+            todo(),
+            lambda t, c: (t, self.fetch(t[0], t[1], info=t[2], cancel=c)),
+            self.prefetch,
+        )
+        try:
+            for (e, k, plan), batch in batches:
+                last = k + 1 >= plan.batches
+                self._epoch, self._next = (e + 1, 0) if last else (e, k + 1)
+                self._resume_fingerprint = plan.fingerprint
+                yield batch
+        finally:
+            batches.close()
 
     # -- resume ---------------------------------------------------------------------
 
@@ -410,6 +401,8 @@ class Client:
             )
         saved = state.get("params")
         mine = asdict(self._params)
+        if isinstance(saved, Mapping):  # saved before splits existed: the whole pack
+            saved = {"split": None, "split_seed": 0, "stratify": None, **saved}
         if not isinstance(saved, Mapping) or set(saved) != set(mine):
             raise StateError(f"state params {saved!r} do not have the keys {sorted(mine)}")
         diff = [f"{k}={saved[k]!r} (this client: {mine[k]!r})" for k in mine if saved[k] != mine[k]]
@@ -441,6 +434,9 @@ class Client:
             shuffle=p.shuffle,
             drop_last=p.drop_last,
             augment=json.loads(p.augment),
+            split=p.split,
+            split_seed=p.split_seed,
+            stratify=p.stratify,
             rank=rank,
             world_size=world_size,
             token=self._token,
@@ -462,9 +458,11 @@ class Client:
         """A ``keras.utils.PyDataset`` over this client's epochs (imports keras now).
 
         ``x``/``y``: a field name or a tuple of names (multi-input/-output);
-        ``kwargs`` (``workers``, ``use_multiprocessing``, ``max_queue_size``) go to
-        ``PyDataset``. Batch ``k`` is batch ``k`` of the current epoch; each
-        ``on_epoch_end`` moves to the next epoch.
+        ``kwargs`` (``workers``, ``use_multiprocessing``, ``max_queue_size``) are
+        accepted as ``PyDataset`` takes them. While Keras trains, each step is the next
+        batch of :meth:`stream`: with ``steps_per_epoch`` unset a Keras epoch is one
+        batchd epoch; with ``steps_per_epoch=S`` it is the next ``S`` batches, epochs
+        back to back, so nothing runs out and no batch is skipped or repeated.
         """
         from ._keras import KerasDataset
 
@@ -475,6 +473,8 @@ class Client:
 
         Use ``DataLoader(ds, batch_size=None, num_workers=W)``: worker ``w`` takes
         batches ``w, w+W, ...`` so the workers together yield the epoch once.
+        ``ds.set_epoch(e)`` reaches the workers, persistent or not; without it each new
+        pass over the DataLoader is the next epoch.
         """
         from ._torch import TorchDataset, resolve_shard
 
@@ -500,7 +500,7 @@ def datasets(
 ) -> list[str]:
     """Names of the datasets a server serves (``GET /v1/datasets``)."""
     tx = Transport(
-        _urls(urls),
+        urls_of(urls),
         token=token if token is not None else os.environ.get("BATCHD_TOKEN") or None,
         timeout=timeout,
         retry_deadline=retry_deadline,

@@ -28,6 +28,7 @@ class DatasetInfo:
 
     name: str
     count: int
+    """Samples served: the split's when the client has one, else the pack's."""
     fingerprint: str
     fields: Mapping[str, FieldInfo]
     classes: tuple[str, ...] | None
@@ -36,6 +37,10 @@ class DatasetInfo:
     samples_per_rank: int
     raw: Mapping[str, Any]
     """The whole JSON answer, for keys this client does not model."""
+    pack_count: int = 0
+    """Samples in the whole pack (``count`` too without a split)."""
+    split: str | None = None
+    """The split served (canonical), or None for the whole pack."""
 
 
 def parse_info(name: str, raw: Any, url: str) -> DatasetInfo:
@@ -51,9 +56,12 @@ def parse_info(name: str, raw: Any, url: str) -> DatasetInfo:
             for k, v in (raw.get("fields") or {}).items()
         }
         classes = raw.get("classes")
+        split = raw.get("split")
         return DatasetInfo(
             name=str(raw.get("name", name)),
             count=int(raw["count"]),
+            pack_count=int(raw.get("pack_count", raw["count"])),
+            split=None if split is None else str(split["split"]),
             fingerprint=str(raw["fingerprint"]),
             fields=fields,
             classes=None if classes is None else tuple(str(c) for c in classes),

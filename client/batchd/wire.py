@@ -6,6 +6,8 @@ It holds everything a batchd client and server must agree on, written once:
   ``application/x-batchd-shm+json`` answer with its request header ``X-Batchd-Shm``);
 * the ranges of the request parameters (:data:`MAX_SEED`, :data:`MAX_WORLD_SIZE`) and
   the one integer check both sides use (:func:`check_int`);
+* the grammar of a split expression (:func:`parse_split`, :func:`format_split`): the
+  client refuses a malformed one before sending it, the server before resolving it;
 * who may be handed a shared-memory body (:func:`is_loopback_host`, under /dev/shm);
 * the dtypes that may cross the wire (:data:`ALLOWED_DTYPES`) and the body layout:
   :func:`layout` (the server writes a body) and :func:`decode_batch` (the client reads one).
@@ -40,6 +42,7 @@ views where the gather writes the pixels, so a batch is built in its final buffe
 from __future__ import annotations
 
 import ipaddress
+import re
 import struct
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -55,6 +58,8 @@ __all__ = [
     "ALIGN",
     "ALLOWED_DTYPES",
     "MAX_SEED",
+    "MAX_SPLIT_CHARS",
+    "MAX_SPLIT_PARTS",
     "MAX_WORLD_SIZE",
     "MSGPACK_MEDIA",
     "PROTOCOL_VERSION",
@@ -63,10 +68,14 @@ __all__ = [
     "SHM_ROOT",
     "Batch",
     "Layout",
+    "SplitBound",
+    "SplitSlice",
     "check_int",
     "decode_batch",
+    "format_split",
     "is_loopback_host",
     "layout",
+    "parse_split",
     "wire_dtype",
 ]
 
@@ -86,6 +95,11 @@ SHM_ROOT = "/dev/shm/"
 MAX_SEED = 2**63 - 1
 #: ``world_size`` is 1..MAX_WORLD_SIZE, which keeps sample positions inside int64.
 MAX_WORLD_SIZE = 1 << 24
+
+#: A split expression is at most this many characters ...
+MAX_SPLIT_CHARS = 256
+#: ... and a union of at most this many slices.
+MAX_SPLIT_PARTS = 32
 
 #: Every dtype that may cross the wire. Anything else is refused on both ends.
 ALLOWED_DTYPES: frozenset[str] = frozenset(
@@ -107,6 +121,110 @@ def check_int(name: str, value: object, low: int, high: int | None = None) -> in
         bound = f">= {low}" if high is None else f"in {low}..{high}"
         raise ValueError(f"{name} must be {bound}, got {value}")
     return int(value)
+
+
+@dataclass(frozen=True, slots=True)
+class SplitBound:
+    """One end of a slice: ``value`` percent of the samples, or ``value`` samples."""
+
+    value: int
+    percent: bool
+
+    def __str__(self) -> str:
+        return f"{self.value}%" if self.percent else str(self.value)
+
+
+@dataclass(frozen=True, slots=True)
+class SplitSlice:
+    """``[start:stop]`` of the split order; ``None`` is the start or the end of the pack."""
+
+    start: SplitBound | None
+    stop: SplitBound | None
+
+    def __str__(self) -> str:
+        return f"[{self.start or ''}:{self.stop or ''}]"
+
+
+_SLICE = re.compile(r"\[\s*(?:(\d+)\s*(%)?)?\s*:\s*(?:(\d+)\s*(%)?)?\s*\]")
+_SPLIT_EXAMPLES = "e.g. '[:80%]', '[80%:]', '[10%:20%]', '[:1000]' or '[:20%]+[40%:]'"
+
+
+def _bound(digits: str | None, percent: str | None, what: str) -> SplitBound | None:
+    if digits is None:
+        return None
+    value = int(digits)
+    if percent and value > 100:
+        raise ValueError(f"{what} is {value}%: a percent bound is 0% .. 100%")
+    if value > MAX_SEED:
+        raise ValueError(f"{what} is {value} samples: at most {MAX_SEED}")
+    return SplitBound(value, bool(percent))
+
+
+def _slice_problem(part: str) -> str:
+    """Why ``part`` is not a slice, in words a user can act on."""
+    if re.search(r"-\s*\d", part):
+        return "negative bounds are not supported: write '[80%:]' for the last 20%"
+    if re.search(r"\d[.,]\d", part):
+        return "percents are whole numbers: use a sample count for a finer cut, e.g. '[:1234]'"
+    named = re.fullmatch(r"\s*([A-Za-z_][\w-]*)\s*(\[.*)", part)
+    if named:
+        return f"a pack is one split: drop the name {named.group(1)!r} and write {named.group(2)!r}"
+    if re.search(r"\]\s*\[", part):
+        return "join slices with '+', e.g. '[:20%]+[40%:]'"
+    if "[" in part and ":" not in part:
+        return "a slice needs a ':', e.g. '[:1000]' for the first 1000 samples"
+    return (
+        "write [start:stop] with whole percents ('80%') or sample counts ('1000'), "
+        + _SPLIT_EXAMPLES
+    )
+
+
+def parse_split(text: str) -> tuple[SplitSlice, ...]:
+    """The slices of a split expression (the tfds / Hugging Face ``datasets`` syntax).
+
+    ``EXPR = SLICE ("+" SLICE)*``, ``SLICE = "[" [BOUND] ":" [BOUND] "]"``,
+    ``BOUND = digits ["%"]``: whole percents 0..100 or sample counts, blanks allowed
+    between tokens. Bounds are positions in the split order, which only the server can
+    resolve (the pack's count); what can be told without it is checked here: ValueError
+    saying what is wrong and how to write it. A start of 0 and a stop of 100% come back
+    as ``None`` (the same slice), so equal splits format equally (:func:`format_split`).
+    """
+    if not isinstance(text, str):
+        raise ValueError(f"split must be a string such as '[:80%]', got {text!r}")
+    if len(text) > MAX_SPLIT_CHARS:
+        raise ValueError(f"split is {len(text)} characters; at most {MAX_SPLIT_CHARS}")
+    if not text.strip():
+        raise ValueError(f"split is empty: write a slice, {_SPLIT_EXAMPLES}")
+    pieces = text.split("+")
+    if len(pieces) > MAX_SPLIT_PARTS:
+        raise ValueError(f"split has {len(pieces)} slices; at most {MAX_SPLIT_PARTS}")
+    out: list[SplitSlice] = []
+    for i, piece in enumerate(pieces, 1):
+        where = f"slice {i} ({piece.strip()!r})" if len(pieces) > 1 else repr(piece.strip())
+        m = _SLICE.fullmatch(piece.strip())
+        if m is None:
+            raise ValueError(f"split {where}: {_slice_problem(piece)}")
+        start = _bound(m.group(1), m.group(2), f"split {where}: the start")
+        stop = _bound(m.group(3), m.group(4), f"split {where}: the stop")
+        if start is not None and start.value == 0:
+            start = None
+        if stop is not None and stop.percent and stop.value == 100:
+            stop = None
+        if start is not None and stop is not None and start.percent == stop.percent:
+            if start.value >= stop.value:
+                raise ValueError(
+                    f"split {where} is empty: its start is not before its stop "
+                    f"('[20%:80%]', not '[80%:20%]')"
+                )
+        elif stop is not None and stop.value == 0:
+            raise ValueError(f"split {where} is empty: it stops at 0")
+        out.append(SplitSlice(start, stop))
+    return tuple(out)
+
+
+def format_split(parts: Sequence[SplitSlice]) -> str:
+    """The canonical text of a split: no blanks, ``[:80%]`` rather than ``[0%:80%]``."""
+    return "+".join(str(p) for p in parts)
 
 
 def is_loopback_host(host: str) -> bool:

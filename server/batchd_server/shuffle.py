@@ -1,4 +1,4 @@
-"""Epoch order, rank sharding and per-sample randomness: pure functions of their arguments.
+"""Epoch order, split order, rank sharding and per-sample randomness: pure functions.
 
 Everything here is a function of ``(seed, epoch, ...)`` alone, with no hidden state and
 no dependence on numpy's Generator streams, so any machine, numpy version or second
@@ -15,8 +15,9 @@ All randomness comes from the splitmix64 finalizer on unsigned 64-bit integers
 
     GAMMA = 0x9E3779B97F4A7C15                       (odd: i -> i*GAMMA is a bijection)
     key(domain, seed, epoch) = mix64(mix64(seed ^ domain) ^ epoch)
-    PERM_DOMAIN = 0x7065726D75746531                 (ASCII "permute1")
-    AUG_DOMAIN  = 0x6175676D656E7431                 (ASCII "augment1")
+    PERM_DOMAIN  = 0x7065726D75746531                (ASCII "permute1")
+    AUG_DOMAIN   = 0x6175676D656E7431                (ASCII "augment1")
+    SPLIT_DOMAIN = 0x73706C6974726431                (ASCII "splitrd1")
 
 ``mix64`` is a bijection, so distinct epochs always give distinct keys.
 
@@ -28,6 +29,12 @@ Epoch order (:func:`permutation`)
 ``h[i]`` are pairwise distinct: there are no ties, so every correct sort, stable or
 not, gives the same order (numpy's introsort here: 2.5x faster than its stable sort). The result is stored as ``uint32`` (4 bytes per
 sample; ``uint64`` only when n >= 2**32).
+
+Split order (:func:`split_order`)
+---------------------------------
+The same recipe with ``k = key(SPLIT_DOMAIN, split_seed, 0)``: a permutation of the
+pack's ids from ``split_seed`` alone, never the packed order (often sorted by class)
+and unrelated to any epoch's order. Split slices are taken over it (``split.py``).
 
 Per-sample uniforms (:func:`uniforms`)
 --------------------------------------
@@ -57,7 +64,7 @@ from numpy.typing import NDArray
 
 from batchd.wire import MAX_SEED, check_int
 
-__all__ = ["MAX_SEED", "EpochPlan", "mix64", "permutation", "uniforms"]
+__all__ = ["MAX_SEED", "EpochPlan", "mix64", "permutation", "split_order", "uniforms"]
 
 
 _M64 = 2**64 - 1
@@ -66,6 +73,7 @@ _C2 = 0x94D049BB133111EB
 _GAMMA = 0x9E3779B97F4A7C15
 _PERM_DOMAIN = int.from_bytes(b"permute1", "big")
 _AUG_DOMAIN = int.from_bytes(b"augment1", "big")
+_SPLIT_DOMAIN = int.from_bytes(b"splitrd1", "big")
 
 _U64_C1 = np.uint64(_C1)
 _U64_C2 = np.uint64(_C2)
@@ -119,6 +127,15 @@ def _stream(key: int, n: int) -> NDArray[np.uint64]:
     return mix64(z)
 
 
+def _argsort_stream(n: int, key: int) -> NDArray[np.uint32] | NDArray[np.uint64]:
+    if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 0:
+        raise ValueError(f"n must be a non-negative int, got {n!r}")
+    order = np.argsort(_stream(key, int(n)), kind="quicksort")  # distinct keys: no ties
+    if n < 2**32:
+        return order.astype(np.uint32)
+    return order.astype(np.uint64)
+
+
 def permutation(n: int, seed: int, epoch: int) -> NDArray[np.uint32] | NDArray[np.uint64]:
     """The epoch's order: a uniform random permutation of ``0..n-1`` from (seed, epoch) alone.
 
@@ -126,14 +143,17 @@ def permutation(n: int, seed: int, epoch: int) -> NDArray[np.uint32] | NDArray[n
     recipe). Returned as ``uint32`` (``uint64`` when ``n >= 2**32``); computing it takes
     about 16 bytes per sample transiently, keeping it 4.
     """
-    if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 0:
-        raise ValueError(f"n must be a non-negative int, got {n!r}")
-    n = int(n)
-    key = _key(_PERM_DOMAIN, seed, epoch)
-    order = np.argsort(_stream(key, n), kind="quicksort")  # keys are distinct: no ties to break
-    if n < 2**32:
-        return order.astype(np.uint32)
-    return order.astype(np.uint64)
+    return _argsort_stream(n, _key(_PERM_DOMAIN, seed, epoch))
+
+
+def split_order(n: int, split_seed: int) -> NDArray[np.uint32] | NDArray[np.uint64]:
+    """The order split slices are taken over: a permutation of ``0..n-1`` from ``split_seed``.
+
+    Same recipe as :func:`permutation` under its own domain (module docstring), so it
+    depends on neither ``seed`` nor ``epoch``: a split stays the same samples while
+    epochs reshuffle inside it.
+    """
+    return _argsort_stream(n, _key(_SPLIT_DOMAIN, split_seed, 0))
 
 
 def uniforms(

@@ -98,3 +98,31 @@ def test_kill_and_restart_mid_epoch_finishes_exactly_once(tmp_path: Path) -> Non
         assert restart is not None
         restart.join()
         assert sorted(ids) == list(range(40))
+
+
+# --- the endless stream (issue 13) ---------------------------------------------------------
+
+
+def _take(stream: Iterator[dict[str, np.ndarray]], n: int) -> list[list[int]]:
+    out = [next(stream)["index"].tolist() for _ in range(n)]
+    stream.close()  # type: ignore[attr-defined]
+    return out
+
+
+def test_stream_is_the_epochs_back_to_back(server: ServerProcess) -> None:
+    client = Client(server.url, "toy", batch_size=16, seed=2, prefetch=3)  # 3 batches an epoch
+    epochs = [[b["index"].tolist() for b in client.iterate(e)] for e in range(1, 4)]
+    assert _take(client.stream(epoch=1, start=0), 9) == [b for e in epochs for b in e]
+    assert (client.epoch, client.next_batch) == (4, 0)  # after the last batch of epoch 3
+    assert _take(client.stream(epoch=2, start=1), 3) == epochs[1][1:] + epochs[2][:1]
+    assert (client.epoch, client.next_batch) == (3, 1)
+
+
+def test_stream_resumes_at_the_exact_next_batch(server: ServerProcess) -> None:
+    client = Client(server.url, "toy", batch_size=16, seed=2)
+    reference = _take(Client(server.url, "toy", batch_size=16, seed=2).stream(), 8)
+    for cut in (2, 3, 4):  # mid-epoch, at an epoch's end, just after
+        head = _take(client.stream(epoch=0, start=0), cut)
+        resumed = Client(server.url, "toy", batch_size=16, seed=2)
+        resumed.load_state_dict(client.state_dict())
+        assert head + _take(resumed.stream(), 8 - cut) == reference, cut

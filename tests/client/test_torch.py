@@ -40,6 +40,7 @@ def test_two_workers_times_two_ranks_cover_the_epoch_once(stub: StubServer) -> N
         ids = _ids(DataLoader(ds, batch_size=None, num_workers=2))
         assert len(ids) == len(set(ids)) == 24
         # Workers interleave back into the rank's order: same as one process.
+        ds.set_epoch(0)  # a second pass would otherwise be the next epoch
         assert ids == _ids(DataLoader(ds, batch_size=None, num_workers=0))
         per_rank.append(ids)
     assert sorted(per_rank[0] + per_rank[1]) == list(range(48))
@@ -97,3 +98,70 @@ def test_training_loop_learns() -> None:
                 opt.step()
                 correct += int((logits.argmax(1) == batch["label"]).sum())
         assert correct / 256 > 0.8  # chance is 0.25
+
+
+# --- epochs across passes (issue 13) -------------------------------------------------------
+
+
+def _pass_epochs(stub: StubServer, passes: list[list[int]]) -> list[int]:
+    """Which epoch each pass served, by its order (every epoch's order is distinct)."""
+    client = Client(stub.url, "toy", batch_size=8)
+    orders = {tuple(_ids(client.iterate(e))): e for e in range(6)}
+    assert len(orders) == 6
+    return [orders.get(tuple(ids), -1) for ids in passes]
+
+
+@pytest.mark.parametrize("persistent", [True, False])
+def test_set_epoch_reaches_the_workers(stub: StubServer, persistent: bool) -> None:
+    ds = Client(stub.url, "toy", batch_size=8).torch()
+    loader = DataLoader(ds, batch_size=None, num_workers=2, persistent_workers=persistent)
+    passes = []
+    for epoch in (2, 0, 1):
+        ds.set_epoch(epoch)
+        passes.append(_ids(loader))
+    assert _pass_epochs(stub, passes) == [2, 0, 1]
+
+
+@pytest.mark.parametrize("persistent", [True, False])
+def test_without_set_epoch_each_pass_is_the_next_epoch(stub: StubServer, persistent: bool) -> None:
+    ds = Client(stub.url, "toy", batch_size=8).torch()
+    loader = DataLoader(ds, batch_size=None, num_workers=2, persistent_workers=persistent)
+    passes = [_ids(loader) for _ in range(3)]
+    assert _pass_epochs(stub, passes) == [0, 1, 2]
+    assert ds.epoch == 3  # the epoch the next pass serves
+    ds.set_epoch(1)
+    assert _pass_epochs(stub, [_ids(loader), _ids(loader)]) == [1, 2]
+
+
+def test_passes_in_the_main_process_count_too(stub: StubServer) -> None:
+    ds = Client(stub.url, "toy", batch_size=8).torch()
+    passes = [_ids(DataLoader(ds, batch_size=None)) for _ in range(2)]
+    assert _pass_epochs(stub, passes) == [0, 1]
+
+
+@pytest.mark.slow
+def test_persistent_spawned_workers_follow_set_epoch(stub: StubServer) -> None:
+    ds = Client(stub.url, "toy", batch_size=8).torch()
+    loader = DataLoader(
+        ds,
+        batch_size=None,
+        num_workers=2,
+        persistent_workers=True,
+        multiprocessing_context="spawn",
+    )
+    passes = [_ids(loader)]
+    ds.set_epoch(4)
+    passes.append(_ids(loader))
+    passes.append(_ids(loader))
+    assert _pass_epochs(stub, passes) == [0, 4, 5]
+
+
+def test_pickled_outside_a_worker_start_keeps_its_epoch(stub: StubServer) -> None:
+    import pickle
+
+    ds = Client(stub.url, "toy", batch_size=8).torch()
+    ds.set_epoch(3)
+    copy = pickle.loads(pickle.dumps(ds))
+    assert copy.epoch == 3
+    copy.set_epoch(5)  # its own shared memory: the original is not moved
+    assert (ds.epoch, copy.epoch) == (3, 5)

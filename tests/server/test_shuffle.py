@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from torch.utils.data import BatchSampler, DistributedSampler
 
-from batchd_server.shuffle import MAX_SEED, EpochPlan, permutation, uniforms
+from batchd_server.shuffle import MAX_SEED, EpochPlan, permutation, split_order, uniforms
 
 M64 = 2**64 - 1
 
@@ -29,6 +29,12 @@ def ref_key(domain: bytes, seed: int, epoch: int) -> int:
 
 def ref_permutation(n: int, seed: int, epoch: int) -> list[int]:
     k = ref_key(b"permute1", seed, epoch)
+    h = [ref_mix64((k + (i + 1) * GAMMA) & M64) for i in range(n)]
+    return sorted(range(n), key=lambda i: h[i])
+
+
+def ref_split_order(n: int, split_seed: int) -> list[int]:
+    k = ref_key(b"splitrd1", split_seed, 0)
     h = [ref_mix64((k + (i + 1) * GAMMA) & M64) for i in range(n)]
     return sorted(range(n), key=lambda i: h[i])
 
@@ -65,6 +71,22 @@ def test_permutation_golden_values() -> None:
         [0.9516682141602381, 0.8565472889140388],
         [0.9160931746568476, 0.3521133465099069],
     ]
+
+
+@pytest.mark.parametrize("split_seed", [0, 1, MAX_SEED])
+def test_split_order_follows_the_documented_recipe(split_seed: int) -> None:
+    assert split_order(257, split_seed).tolist() == ref_split_order(257, split_seed)
+    # Its own domain: not the packed order, not epoch 0's order of the same seed.
+    assert split_order(257, split_seed).tolist() not in (
+        list(range(257)),
+        permutation(257, split_seed, 0).tolist(),
+    )
+
+
+def test_split_order_golden_values() -> None:
+    # Pinned: a change here moves every saved train/validation split (invariant 1).
+    assert split_order(10, 0).tolist() == ref_split_order(10, 0)
+    assert split_order(10, 0).tolist() == [1, 0, 5, 7, 6, 3, 8, 2, 9, 4]
 
 
 def test_permutation_is_reproducible_and_epochs_differ() -> None:

@@ -1,7 +1,8 @@
 """``batchd demo``: the whole path in one command, on data made on the spot.
 
     synth scenes (JPEG + mask PNG + CSV) ──pack──▶ DIR/shapes ──serve (subprocess, loopback)──▶
-    Client.iterate(0): every sample exactly once ──▶ tiny CNN for a few epochs (if torch)
+    Client.iterate(0) of the [:80%] split: every sample once, [80%:] held out ──▶
+    tiny CNN for a few epochs on [:80%], validated on [80%:] (if torch)
 
 :func:`ensure_demo_pack` is also what ``batchd serve --demo-if-empty`` uses, so the first
 ``docker compose up`` over an empty ``./data`` serves something.
@@ -39,6 +40,8 @@ __all__ = ["DEMO_NAME", "demo", "ensure_demo_pack"]
 
 #: The demo dataset's name on the server.
 DEMO_NAME = "shapes"
+#: The demo trains on the first split and validates on the second: one pack, no repack.
+TRAIN_SPLIT, VAL_SPLIT = "[:80%]", "[80%:]"
 
 _HEALTH_TIMEOUT = 60.0  # seconds; a cold start imports fastapi, uvicorn and cv2
 _STOP_TIMEOUT = 15.0
@@ -183,9 +186,13 @@ Step = Callable[[Batch], tuple[float, int]]  # a training step: (summed loss, co
 
 
 def _run_epoch(
-    batches: Iterator[Batch], count: int, epoch: int, step: Step | None, first: list[Batch]
+    batches: Iterator[Batch],
+    expect: NDArray[np.int64],
+    epoch: int,
+    step: Step | None,
+    first: list[Batch],
 ) -> _EpochStats:
-    """Consume one epoch, check it is exactly once, and time it (the step included)."""
+    """Consume one epoch, check it holds the ids ``expect`` once each, and time it."""
     stats = _EpochStats()
     seen: list[NDArray[np.int64]] = []
     start = time.perf_counter()
@@ -201,18 +208,24 @@ def _run_epoch(
             stats.correct += correct
     stats.seconds = time.perf_counter() - start
     ids = np.sort(np.concatenate(seen)) if seen else np.empty(0, np.int64)
-    if not np.array_equal(ids, np.arange(count)):
-        missing = np.setdiff1d(np.arange(count), ids).size
+    if not np.array_equal(ids, expect):
+        missing = np.setdiff1d(expect, ids).size
         repeated = ids.size - np.unique(ids).size
         raise click.ClickException(
-            f"epoch {epoch} was not exactly once: {ids.size} samples for {count}, "
+            f"epoch {epoch} was not exactly once: {ids.size} samples for {expect.size}, "
             f"{missing} missing, {repeated} repeated"
         )
     return stats
 
 
-def _torch_step(classes: int, seed: int) -> Step | None:
-    """A tiny CNN and its optimiser, or None when torch is not installed."""
+def _split_ids(client: Any) -> NDArray[np.int64]:
+    """The pack ids of a client's split, from the ``index`` of one epoch."""
+    ids = [np.asarray(b["index"], np.int64) for b in client.iterate(0)]
+    return np.sort(np.concatenate(ids)) if ids else np.empty(0, np.int64)
+
+
+def _torch_step(classes: int, seed: int) -> tuple[Step, Step] | None:
+    """(a training step, a validation step) of a tiny CNN, or None without torch."""
     try:
         import torch
         from torch import nn
@@ -249,11 +262,25 @@ def _torch_step(classes: int, seed: int) -> Step | None:
         opt.step()
         return float(loss.detach()), int((logits.argmax(1) == y).sum())
 
-    return step
+    def evaluate(batch: Batch) -> tuple[float, int]:
+        model.eval()
+        try:
+            with torch.no_grad():
+                x = torch.from_numpy(batch["image"].astype(np.float32) / 255.0).permute(0, 3, 1, 2)
+                y = torch.from_numpy(batch["label"].astype(np.int64).reshape(-1))
+                logits = model(x)
+                return float(loss_fn(logits, y)), int((logits.argmax(1) == y).sum())
+        finally:
+            model.train()
+
+    return step, evaluate
 
 
 def _describe(first: Batch, info: DatasetInfo) -> None:
-    click.echo(f"    dataset {info.name!r}: {info.count} samples, fingerprint {info.fingerprint}")
+    click.echo(
+        f"    dataset {info.name!r}: {info.pack_count} samples ({info.count} in {info.split}), "
+        f"fingerprint {info.fingerprint}"
+    )
     for name, f in info.fields.items():
         got = first.get(name)
         seen = f"{got.dtype} {tuple(got.shape)}" if got is not None else "not in the batch"
@@ -356,36 +383,48 @@ def _client_side(
         {"op": "random_resized_crop", "size": [size, size], "scale": [0.5, 1.0]},
         {"op": "hflip", "p": 0.5},
     ]
-    with Client(url, DEMO_NAME, batch_size=batch_size, seed=seed, augment=augment) as client:
-        info = client.info
+    train = Client(
+        url, DEMO_NAME, batch_size=batch_size, seed=seed, augment=augment, split=TRAIN_SPLIT
+    )
+    # Validation: the held-out rest of the same pack, in order, as it is (no augmentation).
+    val = Client(url, DEMO_NAME, batch_size=batch_size, shuffle=False, split=VAL_SPLIT)
+    with train, val:
+        info = train.info
+        held_out = _split_ids(val)
         click.echo(
-            f"3/4 one epoch through Client.iterate: {len(client)} batches of {batch_size}, "
-            f"augment={[a['op'] for a in augment]}"
+            f"3/4 one epoch of the {TRAIN_SPLIT} split through Client.iterate: {len(train)} "
+            f"batches of {batch_size}, augment={[a['op'] for a in augment]}"
         )
         first: list[Batch] = []
+        rest = np.setdiff1d(np.arange(info.pack_count), held_out)
         stats = _run_epoch(
-            client.iterate(0, progress=not quiet and sys.stderr.isatty()),
-            info.count,
-            0,
-            None,
-            first,
+            train.iterate(0, progress=not quiet and sys.stderr.isatty()), rest, 0, None, first
         )
         click.echo("    " + stats.line("epoch 0 (iterate only)"))
-        click.echo(f"    every one of the {info.count} samples came exactly once")
+        click.echo(
+            f"    every one of the {info.count} samples of {TRAIN_SPLIT} came exactly once; "
+            f"{held_out.size} others ({VAL_SPLIT}) are held out for validation"
+        )
         if first:
             _describe(first[0], info)
         if epochs == 0:
             click.echo("4/4 --epochs 0: no training")
             return
-        step = _torch_step(len(CLASSES), seed)
-        if step is None:
+        steps = _torch_step(len(CLASSES), seed)
+        if steps is None:
             click.echo("4/4 torch is not installed: iterated only (pip install torch to train)")
             return
-        click.echo(f"4/4 training a tiny CNN on 'label' for {epochs} epoch(s)")
+        step, evaluate = steps
+        click.echo(
+            f"4/4 training a tiny CNN on 'label' of {TRAIN_SPLIT} for {epochs} epoch(s), "
+            f"validating on {VAL_SPLIT}"
+        )
         for epoch in range(1, epochs + 1):
-            batches = client.iterate(epoch, progress=not quiet and sys.stderr.isatty())
-            stats = _run_epoch(batches, info.count, epoch, step, [])
-            click.echo("    " + stats.line(f"epoch {epoch}"))
+            batches = train.iterate(epoch, progress=not quiet and sys.stderr.isatty())
+            stats = _run_epoch(batches, rest, epoch, step, [])
+            checked = _run_epoch(val.iterate(0), held_out, 0, evaluate, [])
+            acc = 100.0 * checked.correct / max(checked.samples, 1)
+            click.echo(f"    {stats.line(f'epoch {epoch}')}; validation accuracy {acc:.1f}%")
 
 
 def _keep_serving(server: _Server, data: Path) -> None:

@@ -29,7 +29,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from batchd import __version__
-from batchd.wire import MAX_SEED, MAX_WORLD_SIZE, MSGPACK_MEDIA, SHM_MEDIA, is_loopback_host
+from batchd.wire import (
+    MAX_SEED,
+    MAX_SPLIT_CHARS,
+    MAX_WORLD_SIZE,
+    MSGPACK_MEDIA,
+    SHM_MEDIA,
+    is_loopback_host,
+)
 
 from ..errors import Rejected
 from .engine import Engine
@@ -84,6 +91,28 @@ WorldSize = Annotated[
 ]
 BatchSize = Annotated[
     int, Query(description="samples per batch", json_schema_extra=_range(1, MAX_BATCH_SIZE))
+]
+Split = Annotated[
+    str | None,
+    Query(
+        description="a split of the pack, tfds slice syntax: [:80%], [80%:], [:1000], "
+        "[:20%]+[40%:] (docs/protocol.md); absent: the whole pack",
+        json_schema_extra={"maxLength": MAX_SPLIT_CHARS},
+    ),
+]
+SplitSeed = Annotated[
+    int,
+    Query(
+        description="the split order's seed, 0 .. 2^63-1 (with split)",
+        json_schema_extra=_range(0, MAX_SEED),
+    ),
+]
+Stratify = Annotated[
+    str | None,
+    Query(
+        description="an integer field: cut the split in proportion within each of its values",
+        json_schema_extra={"maxLength": 64},
+    ),
 ]
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
@@ -224,6 +253,9 @@ def create_app(engine: Engine, *, token: str | None = None) -> FastAPI:
                 description="add batch_fields: what this pipeline outputs",
             ),
         ] = None,
+        split: Split = None,
+        split_seed: SplitSeed = 0,
+        stratify: Stratify = None,
     ) -> dict[str, Any]:
         return await engine.info(
             name,
@@ -233,6 +265,9 @@ def create_app(engine: Engine, *, token: str | None = None) -> FastAPI:
             rank=rank,
             world_size=world_size,
             augment=augment,
+            split=split,
+            split_seed=split_seed,
+            stratify=stratify,
         )
 
     @app.get(
@@ -265,6 +300,9 @@ def create_app(engine: Engine, *, token: str | None = None) -> FastAPI:
         augment: Annotated[
             str, Query(max_length=_MAX_AUGMENT_CHARS, description="pipeline, compact JSON list")
         ] = "[]",
+        split: Split = None,
+        split_seed: SplitSeed = 0,
+        stratify: Stratify = None,
     ) -> Response:
         start = time.perf_counter()
         served = await engine.batch(
@@ -279,6 +317,9 @@ def create_app(engine: Engine, *, token: str | None = None) -> FastAPI:
                 rank=rank,
                 world_size=world_size,
                 augment=augment,
+                split=split,
+                split_seed=split_seed,
+                stratify=stratify,
             )
         )
         metrics.latency.observe(time.perf_counter() - start)

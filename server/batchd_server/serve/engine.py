@@ -60,6 +60,7 @@ from .readahead import ReadAhead
 from .registry import Registry
 from .request import BatchRequest
 from .shm import ShmArena
+from .splits import SplitIds
 
 __all__ = ["Engine", "EngineConfig", "Served"]
 
@@ -130,6 +131,14 @@ class _Prepared:
     out_fields: dict[str, tuple[np.dtype[Any], tuple[int, ...]]]
     key: tuple[Any, ...]
     job: tuple[Any, ...]
+    split: NDArray[np.integer] | None = None
+    """The split's pack ids; the plan's positions index it (None: the whole pack)."""
+
+
+def _pack_ids(prep: _Prepared, order: NDArray[np.integer] | None, k: int) -> NDArray[np.int64]:
+    """Batch ``k``'s pack ids: the plan's positions index the split when there is one."""
+    ids = prep.plan.batch_ids(order, k)
+    return ids if prep.split is None else prep.split[ids].astype(np.int64)
 
 
 class _Stale(Exception):
@@ -200,7 +209,9 @@ class Engine:
         self._pipelines: LRU[str, Pipeline] = LRU(256)
         self._out_fields: LRU[tuple[str, str], dict[str, tuple[np.dtype[Any], tuple[int, ...]]]]
         self._out_fields = LRU(256)
-        self._orders: LRU[tuple[str, int, int], asyncio.Future[NDArray[np.integer]]] = LRU(8)
+        self._orders: LRU[tuple[str, int, int, int], asyncio.Future[NDArray[np.integer]]]
+        self._orders = LRU(8)
+        self._split_ids = SplitIds(self._pool)
         with contextlib.suppress(ImportError):  # one OpenCV thread per pool worker
             import cv2
 
@@ -264,9 +275,11 @@ class Engine:
             )
             log.info("%s: reads %s", ds.name, ds.reads)
 
-    def _prepare(self, req: BatchRequest, ds: Dataset) -> _Prepared:
+    def _prepare(
+        self, req: BatchRequest, ds: Dataset, split: NDArray[np.integer] | None = None
+    ) -> _Prepared:
         pipeline = self.pipeline(req.augment)
-        plan = req.plan(ds.count)
+        plan = req.plan(ds.count if split is None else len(split))
         req.check_k(plan)
         out_fields = self.output_fields(ds, pipeline)
         per_sample = _row_bytes(out_fields)
@@ -290,8 +303,9 @@ class Engine:
             req.rank,
             req.world_size,
             pipeline.canonical,
+            req.split_key,
         )
-        return _Prepared(req, ds, plan, pipeline, out_fields, (*job, req.k), job)
+        return _Prepared(req, ds, plan, pipeline, out_fields, (*job, req.k), job, split)
 
     # --- serving ----------------------------------------------------------------
 
@@ -314,7 +328,7 @@ class Engine:
 
     async def _batch(self, req: BatchRequest) -> Served:
         ds = await self.dataset(req.dataset)
-        prep = self._prepare(req, ds)
+        prep = self._prepare(req, ds, await self._split_ids.ids(ds, req))
         self.metrics.job_progress(job_label(req.dataset, prep.job), req.k)
         source: Literal["hit", "miss", "join"]
         body = self._cache.get(prep.key)
@@ -358,15 +372,17 @@ class Engine:
         self.metrics.cache_bytes.set(self._cache.nbytes)
         return body
 
-    async def _order(self, ds: Dataset, req: BatchRequest) -> NDArray[np.integer] | None:
+    async def _order(
+        self, ds: Dataset, req: BatchRequest, count: int
+    ) -> NDArray[np.integer] | None:
         if not req.shuffle:
             return None
-        key = (ds.fingerprint, req.seed, req.epoch)
+        key = (ds.fingerprint, req.seed, req.epoch, count)  # count: of the split, or the pack
         fut = self._orders.get(key)
         if fut is None:
             # Computed once per (dataset, seed, epoch) and shared; the future itself is
             # cached so concurrent first requests wait for one computation.
-            fut = self._pool.submit(_FOREGROUND, permutation, ds.count, req.seed, req.epoch)
+            fut = self._pool.submit(_FOREGROUND, permutation, count, req.seed, req.epoch)
             self._orders.put(key, fut)
         try:
             return await asyncio.shield(fut)
@@ -382,8 +398,8 @@ class Engine:
 
     async def _compute_body(self, prep: _Prepared, flight: _Flight) -> NDArray[np.uint8]:
         req, ds = prep.req, prep.dataset
-        order = await self._order(ds, req)
-        ids = prep.plan.batch_ids(order, req.k)
+        order = await self._order(ds, req, prep.plan.count)
+        ids = _pack_ids(prep, order, req.k)
         alloc = self.shm.allocate if self.shm is not None else self._bodies.take
         lay: Layout = await self._pool.submit(
             flight.priority, _layout, req, ds.fingerprint, len(ids), prep.out_fields, alloc
@@ -451,6 +467,7 @@ class Engine:
                 prep.out_fields,
                 key,
                 prep.job,
+                prep.split,
             )
             self._readahead_flights += 1
             self.metrics.readahead.inc()
@@ -478,9 +495,9 @@ class Engine:
         start = max(req.k + 1, self._last_announced(prep.job) + 1)
         if start > last:
             return
-        order = await self._order(ds, req)
+        order = await self._order(ds, req, prep.plan.count)
         for j in range(start, last + 1):
-            self._announcer.submit(ds, j - req.k, prep.plan.batch_ids(order, j))
+            self._announcer.submit(ds, j - req.k, _pack_ids(prep, order, j))
         self._announced.put(prep.job, last)
 
     @staticmethod
@@ -511,8 +528,14 @@ class Engine:
         rank: int = 0,
         world_size: int = 1,
         augment: str | None = None,
+        split: str | None = None,
+        split_seed: int = 0,
+        stratify: str | None = None,
     ) -> dict[str, Any]:
-        """Dataset facts; with ``batch_size`` the epoch plan, with ``augment`` the batch fields."""
+        """Dataset facts; with ``batch_size`` the epoch plan, with ``augment`` the batch fields.
+
+        With ``split``, ``count`` and the plan are the split's (``pack_count`` is the pack's).
+        """
         # Every parameter given is checked, whether or not a plan is asked for.
         probe = BatchRequest(
             dataset=name,
@@ -522,11 +545,20 @@ class Engine:
             drop_last=drop_last,
             rank=rank,
             world_size=world_size,
+            split=split,
+            split_seed=split_seed,
+            stratify=stratify,
         )
         ds = await self.dataset(name)
+        ids = await self._split_ids.ids(ds, probe)
+        count = ds.count if ids is None else len(ids)
         out: dict[str, Any] = {
             "name": name,
-            "count": ds.count,
+            "count": count,
+            "pack_count": ds.count,
+            "split": None
+            if probe.split is None
+            else {"split": probe.split, "split_seed": split_seed, "stratify": stratify},
             "fingerprint": ds.fingerprint,
             "classes": list(ds.classes) if ds.classes is not None else None,
             "fields": {
@@ -545,7 +577,7 @@ class Engine:
                 n: {"dtype": dt.str, "shape": list(shape)} for n, (dt, shape) in fields.items()
             }
         if batch_size is not None:
-            plan = probe.plan(ds.count)
+            plan = probe.plan(count)
             out["plan"] = {
                 "batch_size": batch_size,
                 "shuffle": shuffle,

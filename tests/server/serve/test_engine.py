@@ -120,6 +120,36 @@ def test_epochs_and_seeds_differ(data: Path) -> None:
     assert not np.array_equal(a, c)
 
 
+def test_a_split_is_part_of_the_cache_key(data: Path) -> None:
+    """Invariant 1: the split expression and seed decide the bytes, so the key holds them."""
+    eng = engine(data)
+
+    async def go() -> list[Served]:
+        return [
+            await _serve(eng, seed=1, **kw)
+            for kw in (
+                {},
+                {"split": "[:50%]"},
+                {"split": "[0%:50%]"},  # the same split, written otherwise: a cache hit
+                {"split": "[:50%]", "split_seed": 1},
+                {"split": "[50%:]"},
+            )
+        ]
+
+    try:
+        whole, half, same, reseeded, other = run(go())
+    finally:
+        eng.close()
+    assert (half.source, same.source) == ("miss", "hit") and bytes(same.body) == bytes(half.body)
+    index = [decode_batch(s.body).index for s in (whole, half, reseeded, other)]
+    assert half.num_batches == 3 and whole.num_batches == 5
+    for i, a in enumerate(index):
+        for b in index[i + 1 :]:
+            assert not np.array_equal(a, b)
+    split_ids = decode_batch(half.body).index
+    assert not set(split_ids.tolist()) & set(decode_batch(other.body).index.tolist())
+
+
 # --- bad requests -------------------------------------------------------------------------
 
 
