@@ -7,8 +7,11 @@ import asyncio
 from pathlib import Path
 
 import numpy as np
+import pytest
+from numpy.typing import NDArray
 
-from batchd_server.format import open_dataset
+from batchd.wire import decode_batch
+from batchd_server.format import Dataset, open_dataset
 from batchd_server.serve.engine import Engine, EngineConfig
 from batchd_server.serve.memory import MemoryPlan, _cgroup_limit, plan
 from batchd_server.serve.registry import Registry
@@ -106,3 +109,48 @@ def test_willneed_covers_the_rows_asked_for(data: Path) -> None:
         with ds.mapped() as direct:
             assert direct is False
         assert ds.reads == "preadv (testing)"
+
+
+def test_a_split_job_reads_ahead_the_split_samples_only(
+    data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tight_plan = MemoryPlan(
+        budget=4096,
+        source="test",
+        cache_bytes=0,
+        idle_body_bytes=0,
+        readahead_bytes=1 << 20,
+        compute_bytes=1 << 20,
+    )
+    announced: list[int] = []
+    real = Dataset.willneed
+
+    def record(self: Dataset, ids: NDArray[np.int64]) -> int:
+        announced.extend(int(i) for i in ids)
+        return real(self, ids)
+
+    monkeypatch.setattr(Dataset, "willneed", record)
+    eng = Engine(Registry(data), EngineConfig(threads=2, cache_bytes=0), memory=tight_plan)
+    try:
+
+        async def go() -> set[int]:
+            served: set[int] = set()
+            for k in range(3):  # [50%:] of 40 samples: 20, three batches of 8
+                req = BatchRequest(
+                    dataset="tiny", k=k, batch_size=8, seed=3, epoch=0, split="[50%:]"
+                )
+                body = bytes((await eng.batch(req)).body)
+                served.update(int(i) for i in decode_batch(body).index)
+            return served
+
+        served = asyncio.run(go())
+        want = set(
+            BatchRequest(dataset="tiny", k=0, batch_size=8, split="[50%:]")
+            .split_ids(40, None)
+            .tolist()
+        )
+        assert served == want
+        assert announced and set(announced) <= want  # never the pack's first samples
+        assert set(announced) == want  # the whole split epoch was read ahead or at need
+    finally:
+        eng.close()
