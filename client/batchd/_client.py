@@ -464,7 +464,11 @@ class Client:
         batchd epoch; with ``steps_per_epoch=S`` it is the next ``S`` batches, epochs
         back to back, so nothing runs out and no batch is skipped or repeated.
         """
-        from ._keras import KerasDataset
+        try:
+            from ._keras import KerasDataset
+        except ImportError as exc:
+            _explain_missing(exc, "keras")
+            raise
 
         return KerasDataset(self, x=x, y=y, sample_weight=sample_weight, **kwargs)
 
@@ -476,11 +480,46 @@ class Client:
         ``ds.set_epoch(e)`` reaches the workers, persistent or not; without it each new
         pass over the DataLoader is the next epoch.
         """
-        from ._torch import TorchDataset, resolve_shard
+        try:
+            from ._torch import TorchDataset, resolve_shard
+        except ImportError as exc:
+            _explain_missing(exc, "torch")
+            raise
 
         r, w = resolve_shard(self, rank, world_size)
         client = self if (r, w) == (self.rank, self.world_size) else self._with_shard(r, w)
         return TorchDataset(client)
+
+
+def _explain_missing(exc: ImportError, adapter: str) -> None:
+    """Raise an ImportError saying what to install when an adapter's framework (or Keras'
+    backend) cannot be imported; return for any other import error (raised as it is)."""
+    missing = (exc.name or "").partition(".")[0]
+    if adapter == "torch" and missing == "torch":
+        why = (
+            "client.torch() needs PyTorch, which is not installed: install your build of "
+            "torch first (e.g. pip install torch==2.13.0 for CPU), then pip install 'batchd[torch]'"
+        )
+    elif adapter == "keras" and missing == "keras":
+        why = (
+            "client.keras() needs Keras 3, which is not installed: pip install 'batchd[keras]' "
+            "and set KERAS_BACKEND=torch (with torch installed) or install a backend"
+        )
+    elif adapter == "keras" and missing in ("tensorflow", "jax", "torch"):
+        backend = os.environ.get("KERAS_BACKEND")
+        why = (
+            f"Keras cannot load its backend ({missing} is not installed"
+            + (
+                f"; KERAS_BACKEND={backend}"
+                if backend
+                else "; KERAS_BACKEND is unset, so Keras wants tensorflow"
+            )
+            + "): set KERAS_BACKEND=torch before keras is first imported (torch installed), "
+            "or install the backend"
+        )
+    else:
+        return
+    raise ImportError(why, name=exc.name) from exc
 
 
 def _progress_bar(info: DatasetInfo, epoch: int, start: int) -> Any:
