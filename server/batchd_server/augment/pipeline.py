@@ -216,8 +216,10 @@ class Pipeline:
                 continue
             (images if role == "image" else masks).append(name)
             if shape is None:
-                channels = getattr(field, "channels", None)
-                geo[name] = (None, None, (int(channels),) if channels else ())
+                # One shape per role whatever the storage: an encoded mask is HxW like a
+                # raw one, an encoded image HxWxC (issue 16).
+                channels = getattr(field, "channels", None) or 3
+                geo[name] = (None, None, () if role == "mask" else (int(channels),))
             elif len(shape) in (2, 3) and all(d is not None for d in shape[2:]):
                 geo[name] = (_fixed(shape[0]), _fixed(shape[1]), tuple(int(d) for d in shape[2:]))  # type: ignore[arg-type]
             else:

@@ -56,8 +56,9 @@ class FieldSpec:
     ``role``: ``image`` gets photometric and geometric augmentation, ``mask`` geometric
     only (nearest-neighbour), ``value`` is never augmented. ``encoding``: ``raw`` is a
     fixed-shape array in a flat file; ``image`` is JPEG/PNG bytes decoded at serve time
-    to RGB ``uint8 HxWx3`` (``channels=3``) or ``uint8 HxW`` (``channels=1``, masks).
-    ``channels`` is also set for raw image (3) and mask (1) fields; ``None`` for values.
+    to the shape a raw field of its role has: an image ``uint8 HxWx3`` (RGB,
+    ``channels=3``) or ``HxWx1`` (grey, ``channels=1``), a mask ``uint8 HxW``
+    (``channels=1``). ``channels`` is also set for raw images and masks; ``None`` for values.
     """
 
     name: str
@@ -84,8 +85,8 @@ class FieldSpec:
                 return "an encoded image field has role image or mask"
             if self.shape is not None or self.dtype != np.uint8:
                 return "an encoded image field has shape None and dtype uint8"
-            if self.channels != (3 if self.role == "image" else 1):
-                return "encoded images decode to 3 channels (RGB), masks to 1"
+            if self.channels not in ((1, 3) if self.role == "image" else (1,)):
+                return "encoded images decode to 3 channels (RGB) or 1 (grey), masks to 1"
             return None
         encoding: str = self.encoding  # typed Literal, but built from untrusted JSON too
         if encoding != "raw":

@@ -415,16 +415,20 @@ class Dataset:
         return cast("NDArray[np.int32]", self._maps[self._spec(name, "image").files()[2]])
 
     def image(self, name: str, i: int) -> NDArray[np.uint8]:
-        """Sample ``i`` of an encoded field, decoded: RGB ``HxWx3`` or ``HxW`` (masks)."""
+        """Sample ``i`` of an encoded field, decoded: ``HxWxC`` images (C is 3 or 1), ``HxW`` masks.
+
+        The shape is the one a raw field of the same role has, whatever the storage.
+        """
         spec = self._spec(name, "image")
         i = self._index(i)
-        img = decode_image(self.encoded(name, i), spec.channels or 3)
+        mask = spec.role == "mask"
+        img = decode_image(self.encoded(name, i), spec.channels or 3, mask=mask)
         if img is None or img.shape[:2] != tuple(self.sizes(name)[i]):
             raise FormatError(
                 self.path / spec.files()[0],
                 f"field {name!r} sample {i} does not decode to the recorded size; run `batchd verify`",
             )
-        return img
+        return img if img.ndim == 3 or mask else img[:, :, None]
 
     def check(self) -> None:
         """Raise FormatError if any file was truncated or replaced since open (fstat only).

@@ -54,6 +54,26 @@ def _parse_size(
     help="How --size is reached; masks always use nearest-neighbour.",
 )
 @click.option(
+    "--channels",
+    type=click.Choice(["3", "1"]),
+    default="3",
+    show_default=True,
+    help="Image channels: 3 (RGB) or 1 (grey, served as HxWx1); sources are converted.",
+)
+@click.option(
+    "--label-from-folder",
+    type=click.Choice(["class", "int", "float"]),
+    default="class",
+    show_default=True,
+    help="Folder tree: class numbers the folders in sorted order; int/float store each "
+    "folder's name as the number itself (counts 0/ 1/ ... 12/, scores).",
+)
+@click.option(
+    "--keep-empty-classes",
+    is_flag=True,
+    help="Folder tree: keep class folders with no files as classes (left out by default).",
+)
+@click.option(
     "--mask-column", metavar="COLUMN", help="CSV source: the column of mask paths (field 'mask')."
 )
 @click.option(
@@ -62,6 +82,14 @@ def _parse_size(
     default="stop",
     show_default=True,
     help="A bad image: stop, or skip it and record it in the dataset.",
+)
+@click.option(
+    "--max-skipped",
+    default="1%",
+    show_default=True,
+    metavar="N|P%",
+    help="With --on-error skip: fail (writing nothing) once more than this many inputs, "
+    "or this share of them, were skipped.",
 )
 @click.option(
     "--workers", type=click.IntRange(min=1), help="Decode threads (default: one per core)."
@@ -76,8 +104,12 @@ def pack_cmd(
     mode: str,
     size: tuple[int, int] | None,
     resize_policy: str,
+    channels: str,
+    label_from_folder: str,
+    keep_empty_classes: bool,
     mask_column: str | None,
     on_error: str,
+    max_skipped: str,
     workers: int | None,
     overwrite: bool,
     quiet: bool,
@@ -85,7 +117,8 @@ def pack_cmd(
     """Pack SOURCE (an image-folder tree or a .csv) into the dataset directory OUT.
 
     \b
-    A folder tree: one subfolder per class -> fields image + label (int64).
+    A folder tree: one subfolder per class -> fields image + label (int64 class
+    index, or the folder's number with --label-from-folder int|float).
     A CSV: an image path column (image, path or filename), optional --mask-column,
     every other column a numeric target; paths are relative to the CSV's folder.
     """
@@ -99,7 +132,11 @@ def pack_cmd(
         mode=mode,  # type: ignore[arg-type]  # click.Choice checked it
         size=size,
         resize_policy=resize_policy,  # type: ignore[arg-type]
+        channels=int(channels),
         on_error=on_error,  # type: ignore[arg-type]
+        max_skipped=max_skipped,
+        label_from_folder=label_from_folder,  # type: ignore[arg-type]
+        keep_empty_classes=keep_empty_classes,
         overwrite=overwrite,
         workers=workers,
         progress=False if quiet else None,

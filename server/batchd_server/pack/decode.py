@@ -31,8 +31,11 @@ class Block:
 
     ok: NDArray[np.bool_]
     errors: dict[int, str]
-    images: Any  # raw: ndarray (k, H, W, 3); encoded: list[Encoded | None]
+    images: Any  # raw: ndarray (k, H, W, C); encoded: list[Encoded | None]
     masks: Any = None
+    mismatch: int | None = None
+    """The first row whose size differs from the first image's: not a bad file but a
+    property of the source (``--size`` fixes it, skipping does not)."""
 
 
 def _read(path: Path) -> bytes:
@@ -40,7 +43,7 @@ def _read(path: Path) -> bytes:
         return f.read()
 
 
-def _load(path: Path, channels: int) -> tuple[bytes, NDArray[np.uint8]]:
+def _load(path: Path, channels: int, *, mask: bool) -> tuple[bytes, NDArray[np.uint8]]:
     """Read and decode one file; ValueError with the reason if it is not a usable image."""
     try:
         buf = _read(path)
@@ -51,9 +54,9 @@ def _load(path: Path, channels: int) -> tuple[bytes, NDArray[np.uint8]]:
     # libjpeg decodes a truncated JPEG with a warning and grey fill; a missing EOI marker says so.
     if buf[:2] == b"\xff\xd8" and buf.rfind(b"\xff\xd9") < 0:
         raise ValueError("truncated JPEG (no end-of-image marker)")
-    img = decode_image(buf, channels)
+    img = decode_image(buf, channels, mask=mask)
     if img is None:
-        kind = "an image" if channels == 3 else "a single-channel 8-bit image (a mask)"
+        kind = "a single-channel 8-bit image (a mask)" if mask else "an image"
         raise ValueError(
             f"not {kind} that OpenCV can decode (corrupt, truncated or another format)"
         )
@@ -103,6 +106,7 @@ class Job:
     fixed_by_first: bool  # size came from the first image, not --size: refuse other sizes
     policy: Policy
     masks: bool
+    channels: int = 3  # of the image: 3 RGB, 1 grey
 
 
 def decode_block(rows: Sequence[Row], job: Job) -> Block:
@@ -112,18 +116,19 @@ def decode_block(rows: Sequence[Row], job: Job) -> Block:
     if job.mode == "raw":
         assert job.size is not None
         h, w = job.size
-        images: Any = np.empty((k, h, w, 3), np.uint8)
+        images: Any = np.empty((k, h, w, job.channels), np.uint8)
         masks: Any = np.empty((k, h, w), np.uint8) if job.masks else None
     else:
         images = [None] * k
         masks = [None] * k if job.masks else None
+    mismatch = None
     for j, row in enumerate(rows):
         try:
-            buf, img = _load(row.image, 3)
+            buf, img = _load(row.image, job.channels, mask=False)
             mbuf, mimg = None, None
             if row.mask is not None:
                 try:
-                    mbuf, mimg = _load(row.mask, 1)
+                    mbuf, mimg = _load(row.mask, 1, mask=True)
                 except ValueError as exc:
                     raise ValueError(f"mask {row.mask}: {exc}") from None
                 if mimg.shape != img.shape[:2]:
@@ -138,25 +143,27 @@ def decode_block(rows: Sequence[Row], job: Job) -> Block:
                 continue
             assert job.size is not None
             if job.fixed_by_first and img.shape[:2] != job.size:
+                mismatch = j if mismatch is None else mismatch
                 raise ValueError(
                     f"is {img.shape[0]}x{img.shape[1]}, the first image {job.size[0]}x{job.size[1]}; "
-                    "pass --size HxW (and --resize-policy) to bring all images to one size"
+                    "the images differ in size: pass --size HxW (and --resize-policy) to bring "
+                    "them all to one size, or --mode encoded to keep each image's own"
                 )
-            images[j] = _fit(img, job.size, job.policy, nearest=False)
+            images[j] = _fit(img, job.size, job.policy, nearest=False).reshape(images.shape[1:])
             if mimg is not None:
                 masks[j] = _fit(mimg, job.size, job.policy, nearest=True)
         except ValueError as exc:
             ok[j] = False
             errors[j] = str(exc)
-    return Block(ok, errors, images, masks)
+    return Block(ok, errors, images, masks, mismatch)
 
 
-def probe_size(rows: Sequence[Row]) -> tuple[int, int]:
+def probe_size(rows: Sequence[Row], channels: int) -> tuple[int, int]:
     first = None
     for row in rows:
         try:
-            img = _load(row.image, 3)[1]
+            img = _load(row.image, channels, mask=False)[1]
             return (img.shape[0], img.shape[1])
         except ValueError as exc:
-            first = first or f"{row.image} ({row.where}): {exc}"
+            first = first or f"{row.name()}: {exc}"
     raise PackError(f"none of the {len(rows)} images decodes; the first: {first}")

@@ -28,6 +28,7 @@ from ..progress import progress_bar
 from .decode import Block, Job, Mode, Policy, decode_block, probe_size
 from .sources import (
     Inputs,
+    LabelFrom,
     check_labels,
     convert_sample,
     dtype_of,
@@ -54,14 +55,23 @@ class PackOptions:
     """How to pack image inputs (folders, CSVs). Validated on creation (ConfigError).
 
     ``size`` is (height, width) for ``mode="raw"``; None takes the first image's size
-    and refuses images of another size. ``progress`` None means: a bar when stderr is
-    a TTY. ``workers`` None means one decode thread per core.
+    and refuses images of another size. ``channels`` is 3 (RGB) or 1 (grey, served
+    ``HxWx1``). ``on_error="skip"`` leaves out files that do not decode, but fails the
+    pack (keeping nothing) once more than ``max_skipped`` are: a share such as
+    ``"1%"`` of the inputs, or a count. ``label_from_folder`` and
+    ``keep_empty_classes`` apply to folder trees (see :func:`pack_folder`).
+    ``progress`` None means: a bar when stderr is a TTY. ``workers`` None means one
+    decode thread per core.
     """
 
     mode: Mode = "raw"
     size: tuple[int, int] | None = None
     resize_policy: Policy = "resize"
+    channels: int = 3
     on_error: OnError = "stop"
+    max_skipped: int | str = "1%"
+    label_from_folder: LabelFrom = "class"
+    keep_empty_classes: bool = False
     overwrite: bool = False
     workers: int | None = None
     progress: bool | None = None
@@ -76,6 +86,13 @@ class PackOptions:
             )
         if self.on_error not in ("stop", "skip"):
             raise ConfigError(f"on_error {self.on_error!r}: use stop or skip")
+        if self.channels not in (1, 3):
+            raise ConfigError(f"channels {self.channels!r}: use 3 (RGB) or 1 (grey)")
+        if self.label_from_folder not in ("class", "int", "float"):
+            raise ConfigError(
+                f"label_from_folder {self.label_from_folder!r}: use class, int or float"
+            )
+        skip_limit(self.max_skipped, 0)  # ConfigError now, not after an hour of packing
         if self.size is not None:
             if self.mode != "raw":
                 raise ConfigError(
@@ -102,6 +119,7 @@ class PackSummary:
     fingerprint: str
     skipped: list[dict[str, Any]]
     seconds: float
+    notes: tuple[str, ...] = ()
 
     def __str__(self) -> str:
         fields = ", ".join(
@@ -113,6 +131,7 @@ class PackSummary:
             f"Packed {self.count:,} samples into {self.path} in {self.seconds:.1f} s ({rate:,.0f}/s). "
             f"Fields: {fields}. {_human(self.bytes)} on disk. Fingerprint {self.fingerprint}. "
         )
+        text += "".join(f"Note: {n}. " for n in self.notes)
         if not self.skipped:
             return text + "Nothing skipped."
         shown = "; ".join(f"{s['source']}: {s['reason']}" for s in self.skipped[:5])
@@ -133,7 +152,59 @@ def _human(n: int) -> str:
     return f"{size:.1f} TiB"
 
 
-def _summary(path: Path, started: float) -> PackSummary:
+def skip_limit(max_skipped: int | str, total: int) -> int:
+    """How many of ``total`` inputs may be skipped: ``max_skipped`` is a count or ``"N%"``."""
+    text = str(max_skipped).strip()
+    try:
+        if text.endswith("%"):
+            share = float(text[:-1])
+            if not 0 <= share <= 100:
+                raise ValueError
+            return int(share / 100 * total + 1e-9)
+        if isinstance(max_skipped, bool):
+            raise ValueError
+        count = int(text)
+        if count < 0:
+            raise ValueError
+        return count
+    except ValueError:
+        raise ConfigError(
+            f"max_skipped {max_skipped!r}: give a share of the inputs such as 1% or a count "
+            "such as 10"
+        ) from None
+
+
+class _SkipBudget:
+    """Counts skipped inputs; the pack fails once more than ``max_skipped`` are.
+
+    With the total known (folders, CSVs, ``pack_samples(total=)``) it fails at the
+    first skip too many; a share of an unknown total is checked at the end (``check``).
+    """
+
+    def __init__(self, max_skipped: int | str, total: int | None) -> None:
+        self.spec, self.total = max_skipped, total
+        self.share = str(max_skipped).strip().endswith("%")
+        self.count = 0
+        self.first = ""
+
+    def add(self, where: str, reason: str) -> None:
+        self.count += 1
+        self.first = self.first or f"{where}: {reason}"
+        if self.total is not None or not self.share:
+            self.check(self.total or 0)
+
+    def check(self, total: int) -> None:
+        limit = skip_limit(self.spec, total)
+        if self.count > limit:
+            raise PackError(
+                f"{self.count} of {total if self.total is not None or self.share else 'the'} "
+                f"inputs failed, more than --max-skipped {self.spec} allows ({limit}); nothing "
+                f"was written. The first: {self.first}. Fix or remove the bad files, or raise "
+                "--max-skipped (e.g. --max-skipped 10%) to pack the rest"
+            )
+
+
+def _summary(path: Path, started: float, notes: Sequence[str] = ()) -> PackSummary:
     with open_dataset(path) as ds:
         size = sum(p.stat().st_size for p in path.iterdir())
         return PackSummary(
@@ -144,6 +215,7 @@ def _summary(path: Path, started: float) -> PackSummary:
             fingerprint=ds.fingerprint,
             skipped=list(ds.header["skipped"]),
             seconds=time.perf_counter() - started,
+            notes=tuple(notes),
         )
 
 
@@ -168,8 +240,9 @@ def _pack_inputs(out: Path, inputs: Inputs, source: Path, opts: PackOptions) -> 
     masks = any(r.mask is not None for r in rows)
     size, by_first = opts.size, False
     if opts.mode == "raw" and size is None:
-        size, by_first = probe_size(rows), True
-    job = Job(opts.mode, size, by_first, opts.resize_policy, masks)
+        size, by_first = probe_size(rows, opts.channels), True
+    job = Job(opts.mode, size, by_first, opts.resize_policy, masks, opts.channels)
+    budget = _SkipBudget(opts.max_skipped, len(rows))
     fields = _image_fields(job)
     for name, arr in inputs.values.items():
         fields.append(
@@ -196,9 +269,9 @@ def _pack_inputs(out: Path, inputs: Inputs, source: Path, opts: PackOptions) -> 
                     )
                     # A bounded window: decode ahead of the writer, never the whole input in RAM.
                     if len(pending) >= 2 * workers:
-                        bar.update(_write_block(writer, inputs, *pending.popleft(), opts))
+                        bar.update(_write_block(writer, inputs, *pending.popleft(), opts, budget))
                 while pending:
-                    bar.update(_write_block(writer, inputs, *pending.popleft(), opts))
+                    bar.update(_write_block(writer, inputs, *pending.popleft(), opts, budget))
             except BaseException:
                 for _, fut in pending:
                     fut.cancel()
@@ -208,14 +281,17 @@ def _pack_inputs(out: Path, inputs: Inputs, source: Path, opts: PackOptions) -> 
                 "size": None if size is None else list(size),
                 "size_from": "first image" if by_first else ("--size" if size else None),
                 "resize_policy": opts.resize_policy if opts.mode == "raw" else None,
+                "channels": opts.channels,
                 "on_error": opts.on_error,
+                "max_skipped": str(opts.max_skipped) if opts.on_error == "skip" else None,
                 **inputs.extra,
+                "notes": inputs.notes,
             }
             writer.commit(_packing(inputs.kind, source, started, **extra))
     finally:
         bar.close()
         cv2.setNumThreads(threads)
-    return _summary(writer.out, started)
+    return _summary(writer.out, started, inputs.notes)
 
 
 def _image_fields(job: Job) -> list[FieldSpec]:
@@ -223,7 +299,12 @@ def _image_fields(job: Job) -> list[FieldSpec]:
     if job.mode == "encoded":
         out = [
             FieldSpec(
-                name="image", dtype=u1, shape=None, role="image", encoding="image", channels=3
+                name="image",
+                dtype=u1,
+                shape=None,
+                role="image",
+                encoding="image",
+                channels=job.channels,
             )
         ]
         if job.masks:
@@ -235,8 +316,9 @@ def _image_fields(job: Job) -> list[FieldSpec]:
         return out
     assert job.size is not None
     h, w = job.size
+    c = job.channels
     out = [
-        FieldSpec(name="image", dtype=u1, shape=(h, w, 3), role="image", encoding="raw", channels=3)
+        FieldSpec(name="image", dtype=u1, shape=(h, w, c), role="image", encoding="raw", channels=c)
     ]
     if job.masks:
         out.append(
@@ -246,17 +328,25 @@ def _image_fields(job: Job) -> list[FieldSpec]:
 
 
 def _write_block(
-    writer: DatasetWriter, inputs: Inputs, start: int, fut: Future[Block], opts: PackOptions
+    writer: DatasetWriter,
+    inputs: Inputs,
+    start: int,
+    fut: Future[Block],
+    opts: PackOptions,
+    budget: _SkipBudget,
 ) -> int:
     """Write one decoded block in input order; returns how many inputs it covered."""
     b = fut.result()
     k = len(b.ok)
     for j in sorted(b.errors):
         row = inputs.rows[start + j]
+        if j == b.mismatch:  # the source's sizes differ: skipping would drop them all
+            raise PackError(f"{row.name()}: {b.errors[j]}")
         if opts.on_error == "stop":
             raise PackError(
-                f"{row.image} ({row.where}): {b.errors[j]}. Fix or remove it, or pass --on-error skip to pack the rest"
+                f"{row.name()}: {b.errors[j]}. Fix or remove it, or pass --on-error skip to pack the rest"
             )
+        budget.add(row.name(), b.errors[j])
         writer.skip(str(row.image), b.errors[j], start + j)
     keep = np.flatnonzero(b.ok)
     if keep.size == 0:
@@ -279,13 +369,22 @@ def _write_block(
 def pack_folder(
     source: str | Path, out: str | Path, *, options: PackOptions | None = None
 ) -> PackSummary:
-    """An image-folder tree (one subfolder per class) into fields ``image`` and int64 ``label``."""
+    """An image-folder tree (one subfolder per class) into fields ``image`` and ``label``.
+
+    ``label`` is the class index (int64, ``classes`` in sorted order; empty folders
+    are left out unless ``keep_empty_classes``), or with ``label_from_folder`` ``"int"``
+    or ``"float"`` the folder's name read as a number (int64 or float32, no classes).
+    OS litter (hidden files, ``Thumbs.db``, ``desktop.ini``, ``@eaDir``) is never read.
+    """
     src = Path(source)
     if not src.is_dir():
         raise PackError(f"{src}: not a directory")
     opts = options or PackOptions()
     _check_out(Path(out), src, opts.overwrite)
-    return _pack_inputs(Path(out), scan_folder(src), src, opts)
+    inputs = scan_folder(
+        src, label_from=opts.label_from_folder, keep_empty_classes=opts.keep_empty_classes
+    )
+    return _pack_inputs(Path(out), inputs, src, opts)
 
 
 def pack_csv(
@@ -316,7 +415,13 @@ def pack(
             raise ConfigError("--mask-column applies to a CSV source, not an image folder")
         return pack_folder(src, out, options=options)
     if src.is_file() and src.suffix.lower() == ".csv":
-        return pack_csv(src, out, mask_column=mask_column, options=options)
+        opts = options or PackOptions()
+        if opts.label_from_folder != "class" or opts.keep_empty_classes:
+            raise ConfigError(
+                "--label-from-folder and --keep-empty-classes apply to an image folder, not a "
+                "CSV: a CSV's targets are its columns"
+            )
+        return pack_csv(src, out, mask_column=mask_column, options=opts)
     if not src.exists():
         raise PackError(f"{src}: no such file or directory")
     raise PackError(f"{src}: give an image-folder tree (a directory) or a .csv file")
@@ -407,6 +512,7 @@ def pack_samples(
     roles: Mapping[str, Role] | None = None,
     classes: Sequence[str] | None = None,
     on_error: OnError = "stop",
+    max_skipped: int | str = "1%",
     overwrite: bool = False,
     progress: bool | None = None,
     total: int | None = None,
@@ -416,11 +522,15 @@ def pack_samples(
     Each sample maps field name to a value: an array or number (a raw field, its
     shape and dtype fixed by the first sample) or the ``bytes`` of a JPEG/PNG (an
     encoded field, checked to decode). ``on_error="skip"`` leaves out images that
-    do not decode (recorded in the header); shape or key mismatches always stop.
+    do not decode (recorded in the header), and fails the pack, keeping nothing, when
+    more than ``max_skipped`` were (a count, or a share such as ``"1%"`` of the samples
+    seen, checked as they come when ``total`` is given and at the end otherwise).
+    Shape or key mismatches always stop.
     """
     started = time.perf_counter()
     if on_error not in ("stop", "skip"):
         raise ConfigError(f"on_error {on_error!r}: use stop or skip")
+    budget = _SkipBudget(max_skipped, total)
     it = iter(samples)
     first = next(it, None)
     if first is None:
@@ -441,12 +551,14 @@ def pack_samples(
                 if isinstance(conv, str):
                     if on_error == "stop":
                         raise PackError(f"sample {i}: {conv}; fix it or pass on_error='skip'")
+                    budget.add(f"sample {i}", conv)
                     writer.skip(f"sample {i}", conv, i)
                 else:
                     if classes is not None and "label" in conv:
                         check_labels(np.asarray(conv["label"])[None], len(classes), i)
                     writer.append(conv)
                 bar.update(1)
+            budget.check(i + 1)
             writer.commit(_packing("samples", None, started, on_error=on_error))
     finally:
         bar.close()

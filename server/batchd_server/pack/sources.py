@@ -17,10 +17,10 @@ from typing import Any, Literal
 import numpy as np
 from numpy.typing import NDArray
 
-from ..errors import PackError
+from ..errors import ConfigError, PackError
 from ..format import Encoded, FieldSpec, Role, decode_image, le_dtype
 
-__all__ = ["PATH_COLUMNS"]
+__all__ = ["LITTER_NAMES", "PATH_COLUMNS", "is_litter"]
 
 PATH_COLUMNS = ("image", "path", "filename")
 
@@ -32,7 +32,11 @@ PATH_COLUMNS = ("image", "path", "filename")
 class Row:
     image: Path
     mask: Path | None
-    where: str  # "row 12" / "line 14": where a user finds it in their input
+    where: str = ""  # "line 14" for a CSV; a folder tree's rows are named by their path
+
+    def name(self) -> str:
+        """How an error names this input: its path, and its CSV line if it has one."""
+        return f"{self.image} ({self.where})" if self.where else str(self.image)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -42,30 +46,116 @@ class Inputs:
     classes: list[str] | None = None
     kind: str = "folder"
     extra: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    """What the user should know about how the input was read (printed, and kept in the header)."""
 
 
-def scan_folder(root: Path) -> Inputs:
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    if not classes:
+LabelFrom = Literal["class", "int", "float"]
+
+# What operating systems and NAS boxes leave in folders; never images, never classes.
+LITTER_NAMES = frozenset({"Thumbs.db", "thumbs.db", "desktop.ini", "Desktop.ini", "@eaDir"})
+
+
+def is_litter(name: str) -> bool:
+    """Hidden files (``.DS_Store``, ``._photo.jpg``), ``Thumbs.db``, ``desktop.ini``, ``@eaDir``."""
+    return name.startswith(".") or name in LITTER_NAMES
+
+
+def scan_folder(
+    root: Path, *, label_from: LabelFrom = "class", keep_empty_classes: bool = False
+) -> Inputs:
+    """An image-folder tree: one subfolder per class, its files (at any depth) the images.
+
+    ``label_from="class"`` numbers the folders in sorted order (``classes``); ``"int"``
+    and ``"float"`` read each folder's name as the number itself (a count, a score).
+    """
+    if label_from not in ("class", "int", "float"):
+        raise ConfigError(f"label_from {label_from!r}: use class, int or float")
+    folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not is_litter(p.name))
+    if not folders:
         raise PackError(
             f"{root}: no class subfolders; an image-folder tree has one subfolder per class"
         )
-    rows: list[Row] = []
-    labels: list[int] = []
-    for label, name in enumerate(classes):
-        files = sorted(
+    files = {
+        name: sorted(
             p
             for p in (root / name).rglob("*")
-            if p.is_file() and not any(s.startswith(".") for s in p.relative_to(root).parts)
+            if p.is_file() and not any(is_litter(s) for s in p.relative_to(root).parts)
         )
-        for p in files:
-            rows.append(Row(p, None, f"row {len(rows)}"))
-            labels.append(label)
-    if not rows:
-        raise PackError(f"{root}: the class folders {classes} hold no files; nothing to pack")
+        for name in folders
+    }
+    notes: list[str] = []
+    empty = [name for name in folders if not files[name]]
+    if empty and len(empty) == len(folders):
+        raise PackError(f"{root}: the class folders {folders} hold no files; nothing to pack")
+    if empty and not keep_empty_classes and label_from == "class":
+        folders = [name for name in folders if files[name]]
+        notes.append(
+            f"left out {len(empty)} empty class folder(s): {_listed(empty)} "
+            "(pass --keep-empty-classes to keep them as classes)"
+        )
+    elif empty:
+        notes.append(f"{len(empty)} folder(s) hold no files: {_listed(empty)}")
+    rows = [Row(p, None) for name in folders for p in files[name]]
+    if label_from == "class":
+        labels = np.repeat(
+            np.arange(len(folders), dtype=np.int64), [len(files[n]) for n in folders]
+        )
+        if len(folders) > 1 and all(_is_int(n) for n in folders):
+            notes.append(
+                "the class folders are numbers, and classes are numbered in sorted text "
+                f"order ({_listed(folders, 4)}), so label i is classes[i], not the folder's "
+                "number; pass --label-from-folder int to store the numbers themselves"
+            )
+        classes: list[str] | None = folders
+    else:
+        numbers = _folder_numbers(root, folders, label_from)
+        labels = np.repeat(numbers, [len(files[n]) for n in folders])
+        classes = None
     return Inputs(
-        rows=rows, values={"label": np.asarray(labels, np.int64)}, classes=classes, kind="folder"
+        rows=rows,
+        values={"label": labels},
+        classes=classes,
+        kind="folder",
+        extra={"label_from_folder": label_from},
+        notes=notes,
     )
+
+
+def _is_int(name: str) -> bool:
+    try:
+        int(name)
+    except ValueError:
+        return False
+    return True
+
+
+def _folder_numbers(root: Path, folders: list[str], label_from: LabelFrom) -> NDArray[Any]:
+    """Each folder's name as a number (``--label-from-folder int|float``)."""
+    parse = int if label_from == "int" else float
+    bad = []
+    values: list[float] = []
+    for name in folders:
+        try:
+            values.append(parse(name))
+        except ValueError:
+            bad.append(name)
+    if bad:
+        raise PackError(
+            f"{root}: --label-from-folder {label_from} reads each folder's name as a number, "
+            f"and {_listed(bad)} is not one; rename them, or use --label-from-folder class"
+        )
+    if label_from == "int":
+        try:
+            return np.asarray(values, np.int64)
+        except OverflowError:
+            raise PackError(f"{root}: a folder's number does not fit in int64") from None
+    return np.asarray(values, np.float32)
+
+
+def _listed(names: list[str], most: int = 5) -> str:
+    shown = ", ".join(repr(n) for n in names[:most])
+    return shown + (f" and {len(names) - most} more" if len(names) > most else "")
 
 
 def read_csv(path: Path, mask_column: str | None) -> Inputs:
@@ -220,7 +310,7 @@ def convert_sample(
                 raise PackError(
                     f"sample {i} field {f.name!r}: expected image bytes, got {type(v).__name__}"
                 )
-            img = decode_image(v, f.channels or 3)
+            img = decode_image(v, f.channels or 3, mask=f.role == "mask")
             if img is None:
                 return f"field {f.name!r}: the bytes are not a decodable {'image' if f.channels == 3 else 'single-channel 8-bit mask'}"
             out[f.name] = Encoded(bytes(v), img.shape[0], img.shape[1])

@@ -117,13 +117,16 @@ def test_resize_policies(tmp_path: Path, policy: Any) -> None:
 
 def test_raw_without_size_refuses_another_size(folder: Path, tmp_path: Path) -> None:
     save(folder / "dog" / "big.png", rgb(7, 30, 30))
-    with pytest.raises(
-        PackError, match=r"big.png \(row 6\): is 30x30, the first image 12x16; pass --size"
-    ):
+    # A tree names its inputs by path ("row 6" is for CSVs), and a size mismatch is the
+    # source's, not a bad file's: skipping is no answer, so it is not offered (issue 16).
+    match = r"dog/big.png: is 30x30, the first image 12x16; the images differ in size: pass --size"
+    with pytest.raises(PackError, match=match) as err:
         pack(folder, tmp_path / "ds")
+    assert "row" not in str(err.value) and "--on-error" not in str(err.value)
     assert not (tmp_path / "ds").exists() and leftovers(tmp_path) == []
-    s = pack(folder, tmp_path / "ds", options=PackOptions(on_error="skip"))
-    assert s.count == 6 and "big.png" in s.skipped[0]["source"]
+    with pytest.raises(PackError, match=match):
+        pack(folder, tmp_path / "ds", options=PackOptions(on_error="skip", max_skipped="100%"))
+    assert not (tmp_path / "ds").exists()
     s = pack(folder, tmp_path / "ds2", options=PackOptions(size=(8, 8)))
     assert s.count == 7
 
@@ -145,10 +148,14 @@ def test_bad_images_stop_or_are_skipped(
     elif content == "jpeg-truncated":
         content = cv2.imencode(".jpg", rgb(3))[1].tobytes()[:-200]
     (folder / "cat" / "1.png").write_bytes(content)
-    with pytest.raises(PackError, match=rf"cat/1.png \(row 1\): {reason}.*--on-error skip"):
+    with pytest.raises(PackError, match=rf"cat/1.png: {reason}.*--on-error skip"):
         pack(folder, tmp_path / "ds")
     assert leftovers(tmp_path) == [] and not (tmp_path / "ds").exists()
-    s = pack(folder, tmp_path / "ds", options=PackOptions(on_error="skip"))
+    # 1 of 6 is past the default 1%: nothing written, and the message says how to go on.
+    with pytest.raises(PackError, match=r"1 of 6 inputs failed, more than --max-skipped 1%"):
+        pack(folder, tmp_path / "ds", options=PackOptions(on_error="skip"))
+    assert leftovers(tmp_path) == [] and not (tmp_path / "ds").exists()
+    s = pack(folder, tmp_path / "ds", options=PackOptions(on_error="skip", max_skipped=1))
     assert s.count == 5 and "Skipped 1" in str(s) and reason in str(s)
     with open_dataset(tmp_path / "ds") as ds:
         (skipped,) = ds.header["skipped"]
@@ -166,8 +173,11 @@ def test_all_inputs_bad_is_an_error(folder: Path, tmp_path: Path) -> None:
         p.write_bytes(b"junk")
     with pytest.raises(PackError, match="none of the 6 images decodes"):
         pack(folder, tmp_path / "ds", options=PackOptions(on_error="skip"))
-    with pytest.raises(PackError, match="nothing to pack"):
+    with pytest.raises(PackError, match="more than --max-skipped 1%"):
         pack(folder, tmp_path / "ds", options=PackOptions(on_error="skip", size=(4, 4)))
+    with pytest.raises(PackError, match="nothing to pack"):
+        every = PackOptions(on_error="skip", size=(4, 4), max_skipped="100%")
+        pack(folder, tmp_path / "ds", options=every)
     assert leftovers(tmp_path) == []
 
 
@@ -394,8 +404,15 @@ def test_pack_samples_errors_and_skips(tmp_path: Path) -> None:
         tmp_path / "ds",
         [{"img": png(rgb(0))}, {"img": b"junk"}, {"img": png(rgb(2))}],
         on_error="skip",
+        max_skipped=1,
     )
     assert s.count == 2 and s.skipped[0]["source"] == "sample 1"
+    junk = [{"img": png(rgb(0))}, {"img": b"junk"}, {"img": png(rgb(2))}]
+    with pytest.raises(PackError, match=r"1 of 3 inputs failed, more than --max-skipped 10%"):
+        pack_samples(tmp_path / "ds2", junk, on_error="skip", max_skipped="10%")
+    with pytest.raises(PackError, match=r"1 of 2 inputs failed"):  # told the total: stops early
+        pack_samples(tmp_path / "ds2", iter(junk), on_error="skip", total=2, max_skipped="10%")
+    assert not (tmp_path / "ds2").exists()
 
 
 def test_iterator_failing_halfway_leaves_no_dataset(tmp_path: Path) -> None:

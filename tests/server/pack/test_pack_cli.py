@@ -118,11 +118,15 @@ def test_pack_refuses_existing_output_and_bad_input(
     assert result.exit_code == 2 and "does not exist" in result.output
     (folder / "ants" / "1.png").write_bytes(b"not a png")
     result = CliRunner().invoke(cli, ["pack", str(folder), str(tmp_path / "y"), "-q"])
-    assert result.exit_code == 1 and "1.png (row 0)" in str(result.exception)
-    result = CliRunner().invoke(
-        cli, ["pack", str(folder), str(tmp_path / "y"), "-q", "--on-error", "skip"]
-    )
+    assert result.exit_code == 1 and "ants/1.png: not an image" in str(result.exception)
+    skip = ["pack", str(folder), str(tmp_path / "y"), "-q", "--on-error", "skip"]
+    result = CliRunner().invoke(cli, skip)  # one bad file of a few: past the default 1%
+    assert result.exit_code == 1 and "more than --max-skipped 1%" in str(result.exception)
+    assert not (tmp_path / "y").exists()
+    result = CliRunner().invoke(cli, [*skip, "--max-skipped", "50%"])
     assert result.exit_code == 0 and "Skipped 1" in result.output
+    result = CliRunner().invoke(cli, [*skip, "--max-skipped", "lots"])
+    assert result.exit_code == 1 and "max_skipped 'lots': give a share" in str(result.exception)
 
 
 def test_verify_and_inspect_of_a_non_dataset(tmp_path: Path) -> None:
