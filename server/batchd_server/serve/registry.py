@@ -31,7 +31,7 @@ from typing import Any
 from ..errors import ConfigError, DatasetUnavailable, FormatError, InvalidName, UnknownDataset
 from ..format import HEADER_NAME, Dataset, open_dataset
 
-__all__ = ["Entry", "Registry", "check_name"]
+__all__ = ["Entry", "Registry", "check_name", "check_root"]
 
 log = logging.getLogger("batchd.registry")
 
@@ -183,7 +183,7 @@ class Entry:
         }
 
 
-def _check_root(given: Path) -> None:
+def check_root(given: Path) -> None:
     """Refuse a root that is missing, a file, or a pack itself (the user meant its parent)."""
     if not given.exists():
         raise ConfigError(
@@ -212,7 +212,7 @@ class Registry:
         if not roots:
             raise TypeError("Registry needs at least one root folder")
         for r in roots:
-            _check_root(Path(r))
+            check_root(Path(r))
         self.roots = tuple(Path(r).resolve() for r in roots)
         self.root = self.roots[0]
         self.rescan_interval = rescan_interval
