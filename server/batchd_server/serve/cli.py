@@ -27,6 +27,7 @@ _UNITS = {"": 1, "k": 1000, "m": 1000**2, "g": 1000**3, "t": 1000**4}
 _IUNITS = {"ki": 1 << 10, "mi": 1 << 20, "gi": 1 << 30, "ti": 1 << 40}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?)?b?\s*$", re.IGNORECASE)
 _GRACEFUL_S = 10
+_WARN_AT_MOST = 10  # folders that are not packs, one line each; then "and N more"
 
 
 def parse_bytes(text: str | int) -> int:
@@ -236,10 +237,11 @@ def serve(
     from .engine import Engine, EngineConfig
     from .memory import CGROUP
     from .memory import plan as memory_plan
-    from .registry import Registry
+    from .registry import Registry, check_root
 
     token = token or None  # BATCHD_TOKEN="" (an unset compose variable) means no token
     check_exposure(host, uds, token, allow_unauthenticated)
+    check_root(data)  # a missing --data, or a pack given for its parent: before any log line
     same_host = uds is not None or is_loopback_host(host)
     if shm and not same_host:
         raise ConfigError(
@@ -281,9 +283,18 @@ def serve(
         ensure_demo_pack(demo_if_empty)
         roots.append(demo_if_empty)
         registry = Registry(*roots)
-    for entry in registry.entries():
-        if entry.dataset is None:
+    entries = registry.entries()
+    for entry in entries:
+        if entry.pack and entry.dataset is None:
             log.warning("dataset %s unavailable: %s", entry.name, entry.error)
+    not_packs = [e for e in entries if not e.pack]
+    for entry in not_packs[:_WARN_AT_MOST]:
+        log.warning("not serving %s: %s", entry.path, entry.error)
+    if len(not_packs) > _WARN_AT_MOST:
+        log.warning(
+            "and %d more folders under --data that are not packs",
+            len(not_packs) - _WARN_AT_MOST,
+        )
     where = f"unix:{uds}" if uds else f"http://{host}:{port}"
     log.info(
         "batchd serving %d datasets from %s at %s (%d threads, auth %s)",

@@ -1,5 +1,10 @@
 """The datasets a server serves: every pack directory directly under ``--data``.
 
+A directory there that is not a pack (no header: an empty folder, a folder of images
+copied in by mistake, a folder of packs one level too high) is listed as unavailable
+with the reason, so ``serving 0 datasets`` never comes without a why (issue 16).
+Hidden names, plain files and ``lost+found`` are not listed.
+
 A name from a request is never joined to a path: it is validated, then looked up in
 the table built by scanning ``--data``, so no request can reach outside it.
 
@@ -23,14 +28,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import DatasetUnavailable, FormatError, InvalidName, UnknownDataset
+from ..errors import ConfigError, DatasetUnavailable, FormatError, InvalidName, UnknownDataset
 from ..format import HEADER_NAME, Dataset, open_dataset
 
-__all__ = ["Entry", "Registry", "check_name"]
+__all__ = ["Entry", "Registry", "check_name", "check_root"]
 
 log = logging.getLogger("batchd.registry")
 
 _MAX_NAME_BYTES = 255
+# Describing a folder that is not a pack looks at this many of its entries, no more:
+# a folder of a million images is listed as cheaply as an empty one.
+_COUNT_AT_MOST = 1000
+# Directories a filesystem makes itself: not a user's mistake, never listed.
+_NOT_LISTED = frozenset({"lost+found"})
 
 Stamp = tuple[tuple[str, int, int, int], ...]
 
@@ -63,6 +73,68 @@ def _stamp(path: Path) -> Stamp:
     return tuple(sorted(items))
 
 
+def _dir_stamp(path: Path) -> Stamp:
+    """A folder's own inode and mtime: they change when an entry is added, removed or renamed."""
+    st = path.stat()
+    return (("", st.st_ino, st.st_mtime_ns, 0),)
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def _why_not_a_pack(path: Path) -> str:
+    """What the folder ``path`` (directly under a root, no header in it) is instead.
+
+    Looks at most at ``_COUNT_AT_MOST`` of its entries, and nothing deeper than its
+    subfolders' headers.
+    """
+    try:
+        if not path.resolve(strict=True).is_relative_to(path.parent):
+            return "a symlink leading outside the data folder, not a batchd pack"
+        files = folders = 0
+        packs: list[str] = []
+        capped = False
+        with os.scandir(path) as it:
+            for e in it:
+                if e.name.startswith("."):
+                    continue
+                if files + folders >= _COUNT_AT_MOST:
+                    capped = True
+                    break
+                if e.is_dir():
+                    folders += 1
+                    if os.path.isfile(os.path.join(e.path, HEADER_NAME)):
+                        packs.append(e.name)
+                else:
+                    files += 1
+    except OSError as exc:
+        why = exc.strerror or type(exc).__name__
+        return f"a folder that cannot be read ({why}), not a batchd pack"
+    except RuntimeError:  # a symlink loop
+        return "a symlink loop, not a batchd pack"
+    if packs:
+        packs.sort()
+        shown = ", ".join(packs[:3]) + (", ..." if len(packs) > 3 else "")
+        what = (
+            f"the pack {shown}" if len(packs) == 1 else f"{_plural(len(packs), 'pack')} ({shown})"
+        )
+        return (
+            f"a folder that holds {what}, not a pack itself: pass it as --data to serve "
+            f"{'it' if len(packs) == 1 else 'them'}"
+        )
+    if capped:
+        what = f"{_COUNT_AT_MOST}+ entries"
+    elif files + folders == 0:
+        return "an empty folder, not a batchd pack"
+    else:
+        what = " and ".join(_plural(n, w) for n, w in ((files, "file"), (folders, "folder")) if n)
+    return (
+        f"a folder of {what} without {HEADER_NAME}: not a batchd pack; "
+        "make one with `batchd pack SOURCE OUT`"
+    )
+
+
 def _escapes(path: Path) -> str | None:
     """Why ``path`` (a pack directly under a root) reaches outside that root, or None.
 
@@ -85,13 +157,18 @@ def _escapes(path: Path) -> str | None:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Entry:
-    """One directory under ``--data``: an open dataset, or why it could not be opened."""
+    """One directory under ``--data``: an open dataset, or why it could not be opened.
+
+    ``pack`` is False for a directory without a header: never opened, ``error`` says
+    what it is instead, and its stamp is the directory's own (its files are not stat'ed).
+    """
 
     name: str
     path: Path
     stamp: Stamp
     dataset: Dataset | None
     error: str | None
+    pack: bool = True
 
     def describe(self) -> dict[str, Any]:
         if self.dataset is None:
@@ -106,6 +183,25 @@ class Entry:
         }
 
 
+def check_root(given: Path) -> None:
+    """Refuse a root that is missing, a file, or a pack itself (the user meant its parent)."""
+    if not given.exists():
+        raise ConfigError(
+            f"--data {given} does not exist: pass the folder that holds your packs "
+            "(each made with `batchd pack SOURCE OUT`)"
+        )
+    if not given.is_dir():
+        raise ConfigError(
+            f"--data {given} is a file, not a directory: pass the folder that holds your packs"
+        )
+    if (given / HEADER_NAME).is_file():
+        path = given.resolve()
+        raise ConfigError(
+            f"--data {given} is a batchd pack, not a folder of packs: pass its parent "
+            f"folder, --data {path.parent}, to serve it as {path.name!r}"
+        )
+
+
 class Registry:
     """Name -> open dataset, for every pack directory directly under the roots.
 
@@ -115,10 +211,9 @@ class Registry:
     def __init__(self, *roots: str | Path, rescan_interval: float = 0.25) -> None:
         if not roots:
             raise TypeError("Registry needs at least one root folder")
+        for r in roots:
+            check_root(Path(r))
         self.roots = tuple(Path(r).resolve() for r in roots)
-        for root in self.roots:
-            if not root.is_dir():
-                raise FormatError(root, "not a directory: pass --data a folder holding packs")
         self.root = self.roots[0]
         self.rescan_interval = rescan_interval
         self._lock = threading.RLock()
@@ -143,22 +238,50 @@ class Registry:
                 except OSError as exc:
                     log.error("cannot list %s: %s", root, exc)
                     return
+            others: list[Path] = []
             for child in children:
-                if (
-                    child.name in seen
-                    or child.name.startswith(".")
-                    or not (child / HEADER_NAME).is_file()
-                ):
-                    continue  # hidden (a pack being written) or not a pack at all
+                if child.name in seen or child.name.startswith(".") or child.name in _NOT_LISTED:
+                    continue  # hidden (a pack being written) or made by the filesystem
+                if not (child / HEADER_NAME).is_file():
+                    others.append(child)
+                    continue
                 old = self._entries.get(child.name)
                 try:
                     stamp = _stamp(child)
                 except OSError:
                     continue  # vanished mid-scan
                 seen[child.name] = (
-                    old if old is not None and old.stamp == stamp else self._open(child, stamp)
+                    old
+                    if old is not None and old.pack and old.stamp == stamp
+                    else self._open(child, stamp)
+                )
+            # Folders that are not packs come second: a pack of the same name in a later
+            # root (the demo) is served rather than hidden by them.
+            for child in others:
+                if child.name in seen or not child.is_dir():
+                    continue  # a plain file
+                old = self._entries.get(child.name)
+                try:
+                    stamp = _dir_stamp(child)
+                except OSError:
+                    continue
+                seen[child.name] = (
+                    old
+                    if old is not None and not old.pack and old.stamp == stamp
+                    else self._not_a_pack(child, stamp)
                 )
             self._entries = seen
+
+    @staticmethod
+    def _not_a_pack(path: Path, stamp: Stamp) -> Entry:
+        return Entry(
+            name=path.name,
+            path=path,
+            stamp=stamp,
+            dataset=None,
+            error=_why_not_a_pack(path),
+            pack=False,
+        )
 
     def _open(self, path: Path, stamp: Stamp) -> Entry:
         escape = _escapes(path)
@@ -193,7 +316,7 @@ class Registry:
     # --- lookups --------------------------------------------------------------
 
     def entries(self) -> list[Entry]:
-        """Every directory under root, available or not (rescans first)."""
+        """Every directory under the roots, available or not, packs or not (rescans first)."""
         self.rescan()
         with self._lock:
             return list(self._entries.values())
@@ -207,24 +330,34 @@ class Registry:
         """The current dataset called ``name``; re-opened first if it changed on disk.
 
         Raises :class:`~batchd_server.errors.InvalidName` for a name that is not a plain directory name,
-        ``UnknownDataset`` or ``DatasetUnavailable`` (listing the served ones).
+        ``UnknownDataset`` or ``DatasetUnavailable`` (listing the served ones). A folder
+        that is not a pack is ``DatasetUnavailable``, as the list shows it.
         """
         check_name(name)
         with self._lock:
-            entry = self._entries.get(name) or self._find(name)
+            entry = self._entries.get(name)
+            if entry is None or not entry.pack:
+                # Not there at the last scan, or not a pack then: it may be one by now.
+                known = entry is not None
+                entry = self._find(name)
+                if entry is None and known:
+                    self._entries.pop(name, None)
+                    raise UnknownDataset(
+                        f"dataset {name!r} was removed from the server's data folder"
+                    )
             if entry is None:
                 served = sorted(n for n, e in self._entries.items() if e.dataset is not None)
                 raise UnknownDataset(
                     f"no dataset {name!r} on this server; served: {served}",
                 )
             try:
-                stamp = _stamp(entry.path)
+                stamp = _stamp(entry.path) if entry.pack else entry.stamp
             except OSError:
                 self._entries.pop(name, None)
                 raise UnknownDataset(
                     f"dataset {name!r} was removed from the server's data folder",
                 ) from None
-            if stamp != entry.stamp:
+            if entry.pack and stamp != entry.stamp:
                 entry = self._open(entry.path, stamp)
                 self._entries[name] = entry
             if entry.dataset is None:
@@ -240,12 +373,27 @@ class Registry:
             self._entries = {}
 
     def _find(self, name: str) -> Entry | None:
-        """Open a pack added since the last scan (``name`` is already a plain name)."""
+        """Look ``name`` up on disk, as a scan would (``name`` is already a plain name).
+
+        A pack in any root first, then a folder that is not one; the entry found
+        replaces the table's.
+        """
         for root in self.roots:
             path = root / name
             if (path / HEADER_NAME).is_file():
                 try:
                     entry = self._open(path, _stamp(path))
+                except OSError:
+                    return None
+                self._entries[name] = entry
+                return entry
+        if name in _NOT_LISTED:
+            return None
+        for root in self.roots:
+            path = root / name
+            if path.is_dir():
+                try:
+                    entry = self._not_a_pack(path, _dir_stamp(path))
                 except OSError:
                     return None
                 self._entries[name] = entry
@@ -258,5 +406,10 @@ class Registry:
             entry = self._entries.get(name)
             if entry is not None:
                 self._entries[name] = Entry(
-                    name=entry.name, path=entry.path, stamp=(), dataset=None, error=entry.error
+                    name=entry.name,
+                    path=entry.path,
+                    stamp=(),
+                    dataset=None,
+                    error=entry.error,
+                    pack=entry.pack,
                 )

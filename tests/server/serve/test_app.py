@@ -294,3 +294,29 @@ def test_added_and_replaced_packs_without_restart(tmp_path: Path) -> None:
         r = c.get("/v1/datasets/broken/batches/0", params=params())
         assert r.status_code == 404 and r.json()["error"] == "dataset_unavailable"
         assert c.get(f"{BATCH}/0", params=params()).status_code == 200
+
+
+def test_folders_that_are_not_packs_are_listed_with_the_reason(tmp_path: Path) -> None:
+    """An empty folder and a folder of images under --data: listed, unavailable, and why."""
+    root = tmp_path / "data"
+    root.mkdir()
+    tiny_pack(root / "tiny", n=8)
+    (root / "empty").mkdir()
+    photos = root / "photos"
+    photos.mkdir()
+    for i in range(3):
+        (photos / f"{i}.jpg").write_bytes(b"\xff\xd8")
+    with ServerProcess(root) as srv, srv.client() as c:
+        listed = {d["name"]: d for d in c.get("/v1/datasets").json()["datasets"]}
+        assert set(listed) == {"tiny", "empty", "photos"} and listed["tiny"]["available"]
+        assert listed["empty"] == {
+            "name": "empty",
+            "available": False,
+            "error": "an empty folder, not a batchd pack",
+        }
+        assert listed["photos"]["available"] is False
+        assert listed["photos"]["error"].startswith("a folder of 3 files without batchd.header")
+        r = c.get("/v1/datasets/photos/batches/0", params=params())
+        assert r.status_code == 404 and r.json()["error"] == "dataset_unavailable"
+        assert "batchd pack SOURCE OUT" in r.json()["detail"]
+        assert f"not serving {photos}: a folder of 3 files" in srv.log()

@@ -368,8 +368,9 @@ def test_added_replaced_and_broken_packs(data: Path, request: pytest.FixtureRequ
     assert listed["tiny"]["available"] and listed["later"]["available"]
     with pytest.raises(Rejected, match="dataset_unavailable"):
         reg.get("broken")
-    (data / "not_a_pack").mkdir()
-    assert "not_a_pack" not in {e.name for e in reg.entries()}
+    (data / "not_a_pack").mkdir()  # listed as unavailable, with why (issue 16)
+    listed = {e.name: e.describe() for e in reg.entries()}
+    assert listed["not_a_pack"]["error"] == "an empty folder, not a batchd pack"
 
 
 def test_pool_runs_foreground_before_read_ahead() -> None:

@@ -128,7 +128,53 @@ def test_bad_options_are_usage_errors(data: Path, args: list[str], needle: str) 
 
 def test_missing_data_folder(tmp_path: Path, captured: dict[str, Any]) -> None:
     result = invoke(["--data", str(tmp_path / "nope")])
-    assert result.exit_code != 0 and "not a directory" in str(result.exception)
+    assert isinstance(result.exception, ConfigError)
+    assert str(result.exception).startswith(f"--data {tmp_path / 'nope'} does not exist")
+    # --demo-if-empty does not stand in for a mistyped --data
+    result = invoke(["--data", str(tmp_path / "nope"), "--demo-if-empty", str(tmp_path / "d")])
+    assert "does not exist" in str(result.exception) and not (tmp_path / "d").exists()
+
+
+def test_a_file_as_data_is_a_usage_error(tmp_path: Path, captured: dict[str, Any]) -> None:
+    (tmp_path / "f").write_text("x")
+    result = invoke(["--data", str(tmp_path / "f")])
+    assert result.exit_code == 2 and "is a file" in result.output, result.output
+
+
+def test_a_pack_as_data_says_to_pass_its_parent(data: Path, captured: dict[str, Any]) -> None:
+    """A real process: ``--data ./data/tiny`` fails at start and names ./data."""
+    proc = subprocess.run(
+        [
+            *(sys.executable, "-c", "from batchd_server.cli import main; main()", "serve"),
+            *("--data", str(data / "tiny"), "--demo-if-empty", str(data.parent / "demo")),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.startswith(f"error: --data {data / 'tiny'} is a batchd pack")
+    assert f"pass its parent folder, --data {data}, to serve it as 'tiny'" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (data.parent / "demo").exists()
+
+
+def test_folders_that_are_not_packs_are_warned_about_at_start(
+    data: Path, captured: dict[str, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    for i in range(12):
+        (data / f"junk{i:02}").mkdir()
+    photos = data / "photos"
+    photos.mkdir()
+    (photos / "cat.jpg").write_bytes(b"\xff\xd8")
+    caplog.set_level("WARNING", logger="batchd")
+    result = invoke(["--data", str(data)])
+    assert result.exit_code == 0, result.output
+    warned = [r.getMessage() for r in caplog.records if r.name == "batchd.serve"]
+    assert len(warned) == 11, warned  # ten folders, then how many more
+    assert warned[0] == f"not serving {data / 'junk00'}: an empty folder, not a batchd pack"
+    assert warned[-1] == "and 3 more folders under --data that are not packs"
+    engine = captured["app"].state.engine
+    assert [d.name for d in engine.registry.datasets()] == ["tiny"]
 
 
 def test_demo_if_empty(
@@ -146,6 +192,7 @@ def test_demo_if_empty(
     monkeypatch.setattr(demo, "ensure_demo_pack", fake_demo)
     empty, demo_dir = tmp_path / "empty", tmp_path / "demo"
     empty.mkdir()
+    (empty / "photos").mkdir()  # a folder that is not a pack: still no pack, so the demo
     result = invoke(["--data", str(empty), "--demo-if-empty", str(demo_dir)])
     assert result.exit_code == 0, result.output
     assert calls == [demo_dir]
