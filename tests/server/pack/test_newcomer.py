@@ -11,6 +11,7 @@ import cv2
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from packimages import H, W, rgb, save
 
 from batchd.wire import decode_batch
 from batchd_server import PackOptions, open_dataset, pack
@@ -19,18 +20,6 @@ from batchd_server.errors import ConfigError, PackError
 from batchd_server.serve.engine import Engine, EngineConfig
 from batchd_server.serve.registry import Registry
 from batchd_server.serve.request import BatchRequest
-
-H, W = 12, 16
-
-
-def rgb(seed: int, h: int = H, w: int = W) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
-
-
-def save(path: Path, img: np.ndarray) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    assert cv2.imwrite(str(path), img[..., ::-1] if img.ndim == 3 else img)
-    return path
 
 
 def serve_batch(root: Path, name: str, augment: str) -> tuple[Any, dict[str, Any]]:

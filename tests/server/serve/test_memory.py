@@ -17,6 +17,15 @@ from batchd_server.serve.memory import MemoryPlan, _cgroup_limit, plan
 from batchd_server.serve.registry import Registry
 from batchd_server.serve.request import BatchRequest
 
+# A budget no pack fits: nothing cached, every read ahead with preadv.
+TIGHT = MemoryPlan(
+    budget=4096,
+    source="test",
+    cache_bytes=0,
+    idle_body_bytes=0,
+    readahead_bytes=1 << 20,
+    compute_bytes=1 << 20,
+)
 AUG = '[{"op":"random_crop","size":12},{"op":"hflip"}]'
 
 
@@ -74,15 +83,7 @@ def _batches(eng: Engine, epoch: int) -> list[bytes]:
 
 def test_a_pack_over_the_budget_is_read_ahead_with_preadv_and_same_bytes(data: Path) -> None:
     roomy = Engine(Registry(data), EngineConfig(threads=2))
-    tight_plan = MemoryPlan(
-        budget=4096,
-        source="test",
-        cache_bytes=0,
-        idle_body_bytes=0,
-        readahead_bytes=1 << 20,
-        compute_bytes=1 << 20,
-    )
-    tight = Engine(Registry(data), EngineConfig(threads=2, cache_bytes=0), memory=tight_plan)
+    tight = Engine(Registry(data), EngineConfig(threads=2, cache_bytes=0), memory=TIGHT)
     try:
         want = _batches(roomy, 1)
         got = _batches(tight, 1)
@@ -114,14 +115,6 @@ def test_willneed_covers_the_rows_asked_for(data: Path) -> None:
 def test_a_split_job_reads_ahead_the_split_samples_only(
     data: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    tight_plan = MemoryPlan(
-        budget=4096,
-        source="test",
-        cache_bytes=0,
-        idle_body_bytes=0,
-        readahead_bytes=1 << 20,
-        compute_bytes=1 << 20,
-    )
     announced: list[int] = []
     real = Dataset.willneed
 
@@ -130,7 +123,7 @@ def test_a_split_job_reads_ahead_the_split_samples_only(
         return real(self, ids)
 
     monkeypatch.setattr(Dataset, "willneed", record)
-    eng = Engine(Registry(data), EngineConfig(threads=2, cache_bytes=0), memory=tight_plan)
+    eng = Engine(Registry(data), EngineConfig(threads=2, cache_bytes=0), memory=TIGHT)
     try:
 
         async def go() -> set[int]:
