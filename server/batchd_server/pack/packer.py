@@ -92,7 +92,7 @@ class PackOptions:
             raise ConfigError(
                 f"label_from_folder {self.label_from_folder!r}: use class, int or float"
             )
-        skip_limit(self.max_skipped, 0)  # ConfigError now, not after an hour of packing
+        skip_limit(self.max_skipped, 0)  # ConfigError now, not when the first file fails
         if self.size is not None:
             if self.mode != "raw":
                 raise ConfigError(
@@ -182,6 +182,7 @@ class _SkipBudget:
     """
 
     def __init__(self, max_skipped: int | str, total: int | None) -> None:
+        skip_limit(max_skipped, 0)  # a bad spec: ConfigError before any work
         self.spec, self.total = max_skipped, total
         self.share = str(max_skipped).strip().endswith("%")
         self.count = 0

@@ -400,6 +400,16 @@ def test_pack_samples_errors_and_skips(tmp_path: Path) -> None:
         pack_samples(tmp_path / "ds2", junk, on_error="skip", max_skipped="10%")
     with pytest.raises(PackError, match=r"1 of 2 inputs failed"):  # told the total: stops early
         pack_samples(tmp_path / "ds2", iter(junk), on_error="skip", total=2, max_skipped="10%")
+    taken: list[int] = []
+
+    def counted() -> Iterator[dict[str, Any]]:
+        for k, sample in enumerate(junk):
+            taken.append(k)
+            yield sample
+
+    with pytest.raises(ConfigError, match="max_skipped '-1'"):
+        pack_samples(tmp_path / "ds2", counted(), on_error="skip", max_skipped="-1")
+    assert taken == []  # refused before the first sample is read
     assert not (tmp_path / "ds2").exists()
 
 
