@@ -1,6 +1,6 @@
 """batchd: the thin client of a batch server for deep-learning training."""
 
-from ._client import Client, datasets
+from ._client import Client, datasets, server_status
 from ._exceptions import (
     AuthError,
     BatchdError,
@@ -37,6 +37,7 @@ __all__ = [
     "__version__",
     "datasets",
     "kfold",
+    "server_status",
 ]
 
 # Public names belong to the package, as tracebacks and docs should show them.

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import threading
 import urllib.parse
 from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
@@ -26,9 +27,9 @@ from numpy.typing import NDArray
 from ._exceptions import FingerprintError, StateError, TransportError, WireError
 from ._info import DatasetInfo, parse_info
 from ._params import Params, augment_json, split_params, urls_of
-from ._prefetch import prefetched
+from ._prefetch import WaitMeter, prefetched
 from ._transport import Cancel, Transport
-from .wire import MAX_SEED, check_int, decode_batch
+from .wire import CLIENT_HEADER, MAX_SEED, WAIT_HEADER, check_int, decode_batch
 
 if TYPE_CHECKING:
     from ._keras import KerasDataset
@@ -122,6 +123,10 @@ class Client:
 
     def _init_runtime(self) -> None:
         self._lock = threading.Lock()
+        # Who this trainer is and how long it has waited for batches, sent with each
+        # request so the server's status can show sharing and data stall (issue 17).
+        self._tag = secrets.token_hex(4)
+        self._waited = WaitMeter()
         self._tx: Transport | None = None
         self._tx_pid = -1
         self._info: DatasetInfo | None = None
@@ -129,7 +134,7 @@ class Client:
     def __getstate__(self) -> dict[str, Any]:
         # No sockets, threads or locks: a DataLoader worker reconnects lazily.
         state = dict(self.__dict__)
-        for key in ("_lock", "_tx", "_tx_pid", "_info"):
+        for key in ("_lock", "_tx", "_tx_pid", "_info", "_tag", "_waited"):
             state.pop(key, None)
         return state
 
@@ -249,7 +254,13 @@ class Client:
         """
         expect = info if info is not None else self.info
         path = f"/v1/datasets/{urllib.parse.quote(self.dataset, safe='')}/batches/{k}"
-        resp = self._transport().get(path, self._params.batch_query(epoch), cancel=cancel, shm=True)
+        marks = {
+            CLIENT_HEADER: f"{self._tag}.{os.getpid()}",  # forked workers are trainers apart
+            WAIT_HEADER: f"{self._waited.total:.3f}",
+        }
+        resp = self._transport().get(
+            path, self._params.batch_query(epoch), cancel=cancel, shm=True, headers=marks
+        )
         batch = decode_batch(resp.body)
         if batch.fingerprint != expect.fingerprint:
             raise FingerprintError(
@@ -276,7 +287,10 @@ class Client:
         """
         expect = info if info is not None else self.info
         return prefetched(
-            ks, lambda k, c: self.fetch(epoch, k, info=expect, cancel=c), self.prefetch
+            ks,
+            lambda k, c: self.fetch(epoch, k, info=expect, cancel=c),
+            self.prefetch,
+            self._waited,
         )
 
     def iterate(
@@ -316,6 +330,7 @@ class Client:
             range(start, info.batches),
             lambda k, c: self.fetch(epoch, k, info=info, cancel=c),
             self.prefetch,
+            self._waited,
         )
         try:
             for k, batch in enumerate(batches, start):
@@ -370,6 +385,7 @@ class Client:
             todo(),
             lambda t, c: (t, self.fetch(t[0], t[1], info=t[2], cancel=c)),
             self.prefetch,
+            self._waited,
         )
         try:
             for (e, k, plan), batch in batches:
@@ -530,6 +546,23 @@ def _progress_bar(info: DatasetInfo, epoch: int, start: int) -> Any:
     return tqdm(total=info.batches, initial=start, unit="batch", desc=f"{info.name} epoch {epoch}")
 
 
+def _get_json(
+    urls: str | Sequence[str], path: str, token: str | None, timeout: float, deadline: float
+) -> tuple[Any, str]:
+    """``GET path`` from any of ``urls`` as JSON, and the URL that answered."""
+    tx = Transport(
+        urls_of(urls),
+        token=token if token is not None else os.environ.get("BATCHD_TOKEN") or None,
+        timeout=timeout,
+        retry_deadline=deadline,
+    )
+    try:
+        resp = tx.get(path)
+        return resp.json(), resp.url
+    finally:
+        tx.close()
+
+
 def datasets(
     urls: str | Sequence[str],
     *,
@@ -538,20 +571,28 @@ def datasets(
     retry_deadline: float = 10.0,
 ) -> list[str]:
     """Names of the datasets a server serves (``GET /v1/datasets``)."""
-    tx = Transport(
-        urls_of(urls),
-        token=token if token is not None else os.environ.get("BATCHD_TOKEN") or None,
-        timeout=timeout,
-        retry_deadline=retry_deadline,
-    )
+    payload, url = _get_json(urls, "/v1/datasets", token, timeout, retry_deadline)
     try:
-        resp = tx.get("/v1/datasets")
-        payload = resp.json()
-        try:
-            return [str(d["name"]) for d in payload["datasets"]]
-        except (KeyError, TypeError) as exc:
-            raise TransportError(
-                f"{resp.url}: /v1/datasets answered {payload!r:.200}, not a dataset list"
-            ) from exc
-    finally:
-        tx.close()
+        return [str(d["name"]) for d in payload["datasets"]]
+    except (KeyError, TypeError) as exc:
+        raise TransportError(
+            f"{url}: /v1/datasets answered {payload!r:.200}, not a dataset list"
+        ) from exc
+
+
+def server_status(
+    urls: str | Sequence[str],
+    *,
+    token: str | None = None,
+    timeout: float = 10.0,
+    retry_deadline: float = 5.0,
+) -> dict[str, Any]:
+    """What the server is doing (``GET /v1/status``): datasets, live jobs and load.
+
+    The same document the status page at ``/`` and ``batchd top`` show; its fields are
+    in docs/protocol.md.
+    """
+    payload, url = _get_json(urls, "/v1/status", token, timeout, retry_deadline)
+    if not (isinstance(payload, dict) and {"datasets", "jobs", "server"} <= payload.keys()):
+        raise TransportError(f"{url}: /v1/status answered {payload!r:.200}, not a status")
+    return payload

@@ -267,16 +267,24 @@ class Transport:
 
     # -- requests ---------------------------------------------------------------------
 
-    def _once(self, i: int, target: str, cancel: Cancel | None, shm: bool) -> Response:
+    def _once(
+        self,
+        i: int,
+        target: str,
+        cancel: Cancel | None,
+        shm: bool,
+        extra: Mapping[str, str] | None = None,
+    ) -> Response:
         """One answer from endpoint ``i``; a shared-memory one comes back mapped.
 
         A body file the server dropped meanwhile, or one this user may not open, is
         asked for again as bytes (once, on the same endpoint).
         """
         ep = self.endpoints[i]
+        headers = {**self._headers, **extra} if extra else self._headers
         if not (shm and self._shm and ep.same_host):
-            return self._exchange(i, target, self._headers, cancel)
-        resp = self._exchange(i, target, {**self._headers, SHM_HEADER: "1"}, cancel)
+            return self._exchange(i, target, headers, cancel)
+        resp = self._exchange(i, target, {**headers, SHM_HEADER: "1"}, cancel)
         if not resp.is_shm:
             return resp
         if resp.owner is None:  # whose files these are cannot be told: never map them
@@ -288,7 +296,7 @@ class Transport:
                 pass  # evicted meanwhile: the bytes
             except PermissionError:
                 self._shm = False  # another user's server: its files stay closed to us
-        return self._exchange(i, target, self._headers, cancel)
+        return self._exchange(i, target, headers, cancel)
 
     def _exchange(
         self, i: int, target: str, headers: Mapping[str, str], cancel: Cancel | None
@@ -347,11 +355,13 @@ class Transport:
         *,
         cancel: Cancel | None = None,
         shm: bool = False,
+        headers: Mapping[str, str] | None = None,
     ) -> Response:
         """GET ``path`` (with ``params``) from any endpoint, retrying until the deadline.
 
         ``shm``: on a same-host endpoint (unix socket, loopback HTTP), accept a batch
         body in shared memory (the returned ``body`` then maps it, copy-on-write).
+        ``headers`` are sent besides the transport's own (the token).
 
         Returns a 2xx response; raises the mapped :class:`ServerError` for 4xx (and
         other non-retryable statuses), :class:`UnavailableError` when 502/503/504
@@ -372,7 +382,7 @@ class Transport:
                 tried.append(ep.url)
             wait = 0.0
             try:
-                result = self._once(i, ep.prefix + path + query, cancel, shm)
+                result = self._once(i, ep.prefix + path + query, cancel, shm, headers)
             except Cancelled:
                 raise
             except _NETWORK_ERRORS as exc:

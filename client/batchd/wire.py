@@ -57,6 +57,7 @@ from ._exceptions import WireError
 __all__ = [
     "ALIGN",
     "ALLOWED_DTYPES",
+    "CLIENT_HEADER",
     "MAX_SEED",
     "MAX_SPLIT_CHARS",
     "MAX_SPLIT_PARTS",
@@ -66,6 +67,7 @@ __all__ = [
     "SHM_HEADER",
     "SHM_MEDIA",
     "SHM_ROOT",
+    "WAIT_HEADER",
     "Batch",
     "Layout",
     "SplitBound",
@@ -89,6 +91,12 @@ MSGPACK_MEDIA = "application/msgpack"
 SHM_MEDIA = "application/x-batchd-shm+json"
 #: The request header (value ``1``) by which a same-host client asks for that answer.
 SHM_HEADER = "X-Batchd-Shm"
+#: The optional request header naming one trainer process (1-64 of ``A-Za-z0-9._-``), so
+#: the server can tell how many trainers share a job; generic clients leave it out.
+CLIENT_HEADER = "X-Batchd-Client"
+#: The optional request header giving the seconds that trainer has spent, in all, waiting
+#: for batches (a decimal, non-decreasing): the server turns it into each job's data stall.
+WAIT_HEADER = "X-Batchd-Wait"
 #: Where shared-memory bodies live; a client maps nothing outside it.
 SHM_ROOT = "/dev/shm/"
 #: ``seed`` and ``epoch`` are 0..MAX_SEED: they must fit a signed 64-bit integer.

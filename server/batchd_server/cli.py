@@ -1,4 +1,4 @@
-"""The ``batchd`` command: pack, inspect, verify, serve, demo, bench.
+"""The ``batchd`` command: pack, inspect, verify, serve, top, demo.
 
 Commands raise (click exceptions or BatchdError); only :func:`main` turns errors
 into exit codes: 0 success, 1 a BatchdError (message on stderr), 2 usage.
@@ -15,6 +15,7 @@ from batchd import BatchdError, __version__
 from .demo.cli import demo
 from .pack.cli import inspect_cmd, pack_cmd, verify_cmd
 from .serve.cli import serve
+from .serve.top import top
 
 __all__ = ["cli", "main"]
 
@@ -32,6 +33,7 @@ cli.add_command(demo)
 cli.add_command(inspect_cmd)
 cli.add_command(pack_cmd)
 cli.add_command(serve)
+cli.add_command(top)
 cli.add_command(verify_cmd)
 
 

@@ -5,15 +5,14 @@ Every error is JSON ``{"error": code, "detail": message}``: the engine's
 mapped here once), FastAPI's type errors (turned from 422 into 400 naming the parameter), unknown routes and methods, and the bearer-token check. Bad input gets a
 4xx and never a 5xx; a 500 means a bug in batchd (logged with its traceback).
 
-Auth is a plain ASGI middleware so it covers every route (the OpenAPI pages too)
-except ``/healthz``; it compares raw header bytes with ``hmac.compare_digest``, so a
-token with non-ASCII bytes is simply wrong (401), never an encoding error.
+Auth (:mod:`.auth`) is a plain ASGI middleware so it covers every route (the OpenAPI
+pages too) except ``/healthz``. Another counts every answer by status class for
+``/metrics`` and ``/v1/status``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import time
@@ -23,24 +22,31 @@ from typing import Annotated, Any
 
 from fastapi import FastAPI, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from batchd import __version__
 from batchd.wire import (
+    CLIENT_HEADER,
     MAX_SEED,
     MAX_SPLIT_CHARS,
     MAX_WORLD_SIZE,
     MSGPACK_MEDIA,
     SHM_MEDIA,
+    WAIT_HEADER,
     is_loopback_host,
 )
 
 from ..errors import Rejected
+from .auth import PAGE_PATHS, BearerAuth
 from .engine import Engine
+from .metrics import Metrics
+from .page import status_page
 from .request import MAX_BATCH_SIZE, BatchRequest
+from .schema import Status
+from .status import Overview, client_mark
 
 __all__ = ["create_app"]
 
@@ -60,7 +66,6 @@ def _same_host(request: Request) -> bool:
 # JSON contract); 4096 characters percent-encode to at most 48 KiB even as 4-byte UTF-8,
 # so every augment the schema allows reaches the app (found by schemathesis, issue 7).
 _MAX_AUGMENT_CHARS = 4096
-_OPEN_PATHS = frozenset({"/healthz"})
 
 
 class ErrorBody(BaseModel):
@@ -128,32 +133,26 @@ def _error(
     return JSONResponse({"error": code, "detail": detail}, status_code=status, headers=headers)
 
 
-class _BearerAuth:
-    """Refuses every request but /healthz without ``Authorization: Bearer <token>``."""
+class _CountAnswers:
+    """Counts every answer by status class (``batchd_http_responses_total``)."""
 
-    def __init__(self, app: ASGIApp, token: str) -> None:
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app = app
-        self.expected = b"Bearer " + token.encode("utf-8")
+        self.counters = {c: metrics.responses.labels(f"{c}xx") for c in range(1, 6)}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in _OPEN_PATHS:
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        got = b""
-        for key, value in scope["headers"]:
-            if key == b"authorization":
-                got = value
-                break
-        if hmac.compare_digest(got, self.expected):
-            await self.app(scope, receive, send)
-            return
-        detail = (
-            "this server needs 'Authorization: Bearer <token>' (the token given to batchd serve)"
-            if not got
-            else "the bearer token does not match the server's"
-        )
-        response = _error(401, "unauthorized", detail, {"WWW-Authenticate": "Bearer"})
-        await response(scope, receive, send)
+
+        async def counted(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                counter = self.counters.get(int(message["status"]) // 100)
+                if counter is not None:
+                    counter.inc()
+            await send(message)
+
+        await self.app(scope, receive, counted)
 
 
 def _validation_detail(exc: RequestValidationError) -> str:
@@ -230,6 +229,19 @@ def create_app(engine: Engine, *, token: str | None = None) -> FastAPI:
     async def prometheus() -> Response:
         text = await asyncio.to_thread(metrics.render)
         return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    overview = Overview(engine)
+
+    async def page() -> HTMLResponse:
+        return HTMLResponse(status_page(), headers={"Cache-Control": "no-store"})
+
+    for path in sorted(PAGE_PATHS):
+        app.add_api_route(path, page, methods=["GET"], include_in_schema=False)
+
+    @app.get("/v1/status", tags=["ops"], response_model=Status, responses={401: _ERRORS[401]})
+    async def status() -> dict[str, Any]:
+        """Datasets, live jobs (progress, images/s, ETA, trainers, data stall) and load."""
+        return await overview.document()
 
     @app.get("/v1/datasets", tags=["datasets"], responses=_ERRORS)
     async def list_datasets() -> dict[str, Any]:
@@ -320,7 +332,12 @@ def create_app(engine: Engine, *, token: str | None = None) -> FastAPI:
                 split=split,
                 split_seed=split_seed,
                 stratify=stratify,
-            )
+            ),
+            client_mark(
+                request.headers.get(CLIENT_HEADER),
+                request.headers.get(WAIT_HEADER),
+                None if request.client is None else request.client.host,
+            ),
         )
         metrics.latency.observe(time.perf_counter() - start)
         metrics.batches.labels(name).inc()
@@ -366,5 +383,6 @@ def create_app(engine: Engine, *, token: str | None = None) -> FastAPI:
 
     app.openapi = openapi  # type: ignore[method-assign]
     if token is not None:
-        app.add_middleware(_BearerAuth, token=token)
+        app.add_middleware(BearerAuth, token=token)
+    app.add_middleware(_CountAnswers, metrics=metrics)  # outermost: 401s count too
     return app

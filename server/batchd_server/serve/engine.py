@@ -61,6 +61,7 @@ from .registry import Registry
 from .request import BatchRequest
 from .shm import ShmArena
 from .splits import SplitIds
+from .status import ClientMark, JobBoard
 
 __all__ = ["Engine", "EngineConfig", "Served"]
 
@@ -212,6 +213,7 @@ class Engine:
         self._orders: LRU[tuple[str, int, int, int], asyncio.Future[NDArray[np.integer]]]
         self._orders = LRU(8)
         self._split_ids = SplitIds(self._pool)
+        self.board = JobBoard()  # live jobs for GET /v1/status
         with contextlib.suppress(ImportError):  # one OpenCV thread per pool worker
             import cv2
 
@@ -309,24 +311,25 @@ class Engine:
 
     # --- serving ----------------------------------------------------------------
 
-    async def batch(self, req: BatchRequest) -> Served:
+    async def batch(self, req: BatchRequest, mark: ClientMark | None = None) -> Served:
         """The body of batch ``req.k``; raises a :class:`~batchd_server.errors.Rejected`.
 
         If the pack was replaced on disk under a computation, the request is answered
         from the re-opened pack (its fingerprint is in the body), never from a mix.
+        ``mark`` (who asked, and how long it has waited) feeds :attr:`board`.
         """
         try:
-            return await self._batch(req)
+            return await self._batch(req, mark)
         except _Stale:
             pass
         try:
-            return await self._batch(req)
+            return await self._batch(req, mark)
         except _Stale as exc:
             raise DatasetChanged(
                 f"dataset {req.dataset!r} keeps changing on disk ({exc}); retry when it is written",
             ) from None
 
-    async def _batch(self, req: BatchRequest) -> Served:
+    async def _batch(self, req: BatchRequest, mark: ClientMark | None) -> Served:
         ds = await self.dataset(req.dataset)
         prep = self._prepare(req, ds, await self._split_ids.ids(ds, req))
         self.metrics.job_progress(job_label(req.dataset, prep.job), req.k)
@@ -356,8 +359,45 @@ class Engine:
             body = await asyncio.shield(flight.task)
         self._read_ahead(prep)
         await self._announce(prep)
+        self._record(prep, mark)
         cached = prep.key in self._cache
         return Served(body, source, ds.fingerprint, prep.plan.num_batches, cached)
+
+    def _record(self, prep: _Prepared, mark: ClientMark | None) -> None:
+        req, plan = prep.req, prep.plan
+        self.board.record(
+            (req.dataset, *prep.job[:2], *prep.job[3:]),  # the job, whatever its epoch
+            {
+                "dataset": req.dataset,
+                "seed": req.seed,
+                "batch_size": req.batch_size,
+                "shuffle": req.shuffle,
+                "drop_last": req.drop_last,
+                "rank": req.rank,
+                "world_size": req.world_size,
+                "split": req.split,
+                "augment": prep.pipeline.canonical,
+            },
+            metrics_job=job_label(req.dataset, prep.job),
+            epoch=req.epoch,
+            k=req.k,
+            num_batches=plan.num_batches,
+            batch_size=req.batch_size,
+            rows=min(req.batch_size, plan.samples_per_rank - req.k * req.batch_size),
+            mark=mark,
+        )
+
+    def load(self) -> dict[str, int]:
+        """How busy the engine is now: queued work, batches computing, cache and read-ahead."""
+        return {
+            "queued": self._pool.queued,
+            "inflight": sum(f.priority == _FOREGROUND for f in self._flights.values()),
+            "readahead_running": self._readahead_flights,
+            "readahead_depth": self.config.readahead,
+            "cache_bytes": self._cache.nbytes,
+            "cache_capacity": self._cache.capacity,
+            "threads": self.config.threads,
+        }
 
     def _start(self, prep: _Prepared, priority: int) -> _Flight:
         flight = _Flight(priority)

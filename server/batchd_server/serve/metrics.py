@@ -199,6 +199,12 @@ class Metrics:
         self.rejected = Counter(
             "batchd_requests_rejected", "Requests answered with an error", ["error"], registry=r
         )
+        self.responses = Counter(
+            "batchd_http_responses",
+            "HTTP answers by status class (2xx, 3xx, 4xx, 5xx)",
+            ["status"],
+            registry=r,
+        )
         self.progress = Gauge(
             "batchd_job_last_batch",
             f"Last batch index requested per job (the {MAX_JOBS} most recent jobs)",
@@ -220,6 +226,22 @@ class Metrics:
                 with contextlib.suppress(KeyError):
                     self.progress.remove(old)
             self.progress.labels(job).set(k)
+
+    @staticmethod
+    def total(counter: Counter, **labels: str) -> float:
+        """``counter``'s ``_total`` as /metrics shows it, summed over the labels not given.
+
+        Read from the counter itself: the registry's collectors would also run mincore.
+        """
+        return float(
+            sum(
+                sample.value
+                for family in counter.collect()
+                for sample in family.samples
+                if sample.name.endswith("_total")
+                and all(sample.labels.get(k) == v for k, v in labels.items())
+            )
+        )
 
     def render(self) -> bytes:
         return bytes(generate_latest(self.registry))

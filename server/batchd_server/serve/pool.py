@@ -51,6 +51,11 @@ class PriorityPool:
         self._queue.put((priority, next(self._seq), (fut, fn, args)))
         return asyncio.wrap_future(fut)
 
+    @property
+    def queued(self) -> int:
+        """Work items waiting for a thread (an estimate, as ``Queue.qsize`` is)."""
+        return self._queue.qsize()
+
     def shutdown(self) -> None:
         for _ in self._threads:
             self._queue.put((1 << 30, next(self._seq), None))

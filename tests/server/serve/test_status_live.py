@@ -1,0 +1,199 @@
+"""``/v1/status``, the page and ``batchd top`` against a real server and real clients.
+
+Tolerances for data stall (the share of time a trainer waits for batches): a trainer
+that sleeps 40 ms per batch of a fast server stalls under 10%; one that never sleeps
+stalls over 75% (the rest is the loop's own work between batches).
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+import batchd
+from serverproc import ServerProcess, tiny_pack
+
+TOKEN = "s3cret-status-token"
+TOP = [sys.executable, "-c", "from batchd_server.cli import main; main()", "top", "--once"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("data")
+    tiny_pack(root / "tiny", n=4000)
+    (root / "notapack").mkdir()
+    return root
+
+
+@pytest.fixture(scope="module")
+def server(data: Path) -> Iterator[ServerProcess]:
+    with ServerProcess(data) as srv:
+        yield srv
+
+
+def status(srv: ServerProcess) -> dict:
+    return batchd.server_status(srv.url)
+
+
+def job_of(doc: dict, seed: int) -> dict:
+    (job,) = [j for j in doc["jobs"] if j["seed"] == seed]
+    return job
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    pattern = re.escape(name) + (r"\{" + re.escape(want) + r"\}" if labels else r"(?:\{.*\})?")
+    pattern += r" (\S+)"
+    return sum(float(m) for m in re.findall(r"^" + pattern + "$", text, re.M))
+
+
+def test_a_known_epoch_is_reported_as_it_ran_and_agrees_with_metrics(
+    server: ServerProcess,
+) -> None:
+    client = batchd.Client(server.url, "tiny", batch_size=50, seed=11)
+    n = sum(1 for _ in client.iterate(0))
+    assert n == 80
+    doc = status(server)
+    job = job_of(doc, 11)
+    assert (job["epoch"], job["batch"], job["num_batches"]) == (0, 79, 80)
+    assert (job["dataset"], job["batch_size"], job["trainers"]) == ("tiny", 50, 1)
+    assert job["split"] is None and job["augment"] == "[]"
+    assert job["eta_s"] == 0
+    assert job["images_per_s"] > 0
+    text = httpx.get(server.url + "/metrics").text
+    assert metric(text, "batchd_job_last_batch", job=job["metrics_job"]) == 79
+    s = doc["server"]
+    assert s["batches_served"] == metric(text, "batchd_batches_served_total")
+    assert s["cache_hits"] == metric(text, "batchd_cache_hits_total")
+    assert s["cache_misses"] == metric(text, "batchd_cache_misses_total")
+    assert s["responses_4xx"] == metric(text, "batchd_http_responses_total", status="4xx")
+    (tiny,) = [d for d in doc["datasets"] if d["name"] == "tiny"]
+    assert (tiny["count"], tiny["storage"], tiny["available"]) == (4000, "raw", True)
+    assert tiny["fingerprint"] == client.info.fingerprint
+    assert 0 <= tiny["resident"] <= 1 and tiny["reads"].startswith("mapped")
+    (junk,) = [d for d in doc["datasets"] if d["name"] == "notapack"]
+    assert junk["available"] is False and junk["error"]
+    assert str(server.data) not in str(doc)  # no absolute path of the server's disk
+
+
+def test_errors_are_counted_by_class(server: ServerProcess) -> None:
+    before = status(server)["server"]["responses_4xx"]
+    for _ in range(3):
+        assert httpx.get(server.url + "/v1/datasets/nope").status_code == 404
+    assert status(server)["server"]["responses_4xx"] == before + 3
+
+
+def _run(client: batchd.Client, seconds: float, sleep: float) -> None:
+    end = time.monotonic() + seconds
+    for _ in client.stream(0):
+        if time.monotonic() > end:
+            break
+        if sleep:
+            time.sleep(sleep)
+
+
+def test_stall_is_near_zero_for_a_sleeping_trainer_and_near_one_for_an_eager_one(
+    server: ServerProcess,
+) -> None:
+    _run(batchd.Client(server.url, "tiny", batch_size=16, seed=21), 2.5, 0.04)
+    _run(batchd.Client(server.url, "tiny", batch_size=16, seed=22, prefetch=1), 2.5, 0.0)
+    doc = status(server)
+    assert job_of(doc, 21)["stall"] < 0.10
+    assert job_of(doc, 22)["stall"] > 0.75
+
+
+def test_trainers_sharing_a_job_are_counted(server: ServerProcess) -> None:
+    clients = [batchd.Client(server.url, "tiny", batch_size=100, seed=31) for _ in range(3)]
+    threads = [threading.Thread(target=lambda c=c: list(c.iterate(0))) for c in clients]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    job = job_of(status(server), 31)
+    assert job["trainers"] == 3
+    assert job["batch"] == 39
+
+
+def test_a_generic_client_gets_batches_and_no_stall(server: ServerProcess) -> None:
+    for k in range(3):
+        r = httpx.get(
+            server.url + "/v1/datasets/tiny/batches/" + str(k),
+            params={"batch_size": 10, "seed": 41},
+        )
+        assert r.status_code == 200
+    job = job_of(status(server), 41)
+    assert job["stall"] is None and job["trainers"] == 1 and job["batch"] == 2
+
+
+def test_the_page_is_served_self_contained(server: ServerProcess) -> None:
+    for path in ("/", "/status"):
+        r = httpx.get(server.url + path)
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+        assert "v1/status" in r.text
+        assert not re.search(r"""(src|href)=["']?https?://""", r.text)  # no CDN
+
+
+def test_status_is_in_the_openapi_schema(server: ServerProcess) -> None:
+    schema = httpx.get(server.url + "/openapi.json").json()
+    op = schema["paths"]["/v1/status"]["get"]
+    ref = op["responses"]["200"]["content"]["application/json"]["schema"]["$ref"]
+    assert ref.endswith("/Status")
+    assert {"jobs", "datasets", "server"} <= set(
+        schema["components"]["schemas"]["Status"]["properties"]
+    )
+
+
+def test_top_once_prints_the_job(server: ServerProcess) -> None:
+    list(batchd.Client(server.url, "tiny", batch_size=400, seed=51).iterate(0))
+    out = subprocess.run(
+        [*TOP, "--url", server.url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    (line,) = [ln for ln in out.splitlines() if ln.startswith("tiny") and " 51 " in ln]
+    assert "10/10" in line.split()
+    assert any(ln.startswith("notapack") and "unavailable" in ln for ln in out.splitlines())
+
+
+def test_top_says_when_no_server_answers() -> None:
+    got = subprocess.run(
+        [*TOP, "--url", "http://127.0.0.1:9"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert got.returncode == 1 and got.stderr.startswith("error:") and "127.0.0.1:9" in got.stderr
+
+
+def test_under_a_token_the_page_needs_a_login_and_the_token_is_never_logged(
+    data: Path,
+) -> None:
+    with ServerProcess(data, token=TOKEN, args=["--log-level", "debug"]) as srv:
+        with httpx.Client(base_url=srv.url) as anon:
+            page = anon.get("/")
+            assert page.status_code == 401 and "<form" in page.text and TOKEN not in page.text
+            assert anon.get("/v1/status").status_code == 401
+            wrong = anon.post("/login", data={"token": "guess"})
+            assert wrong.status_code == 401 and "not this server" in wrong.text
+            assert "batchd_token" not in wrong.headers.get("set-cookie", "")
+        with httpx.Client(base_url=srv.url) as browser:
+            ok = browser.post("/login", data={"token": TOKEN})
+            assert ok.status_code == 303 and ok.headers["location"] == "/status"
+            cookie = ok.headers["set-cookie"].lower()
+            assert "httponly" in cookie and "samesite=strict" in cookie
+            assert browser.get("/status").status_code == 200
+            assert browser.get("/v1/status").json()["server"]["uptime_s"] >= 0
+        assert batchd.server_status(srv.url, token=TOKEN)["version"] == batchd.__version__
+        log = srv.log()
+    assert "POST /login" in log  # the access log is on (debug), and holds no token
+    assert TOKEN not in log
