@@ -35,7 +35,7 @@ from batchd_server.errors import FormatError
 from batchd_server.format import open_dataset, verify
 from batchd_server.format.header import HEADER_NAME, FieldSpec
 from batchd_server.format.writer import DatasetWriter, Encoded
-from batchd_server.serve import app as app_module
+from batchd_server.serve import auth as auth_module
 from serverproc import ServerProcess, free_port, tiny_pack
 
 pytestmark = pytest.mark.reliability
@@ -386,6 +386,7 @@ def test_bad_tokens_are_401_never_500(server: ServerProcess, figures: Figures) -
             "/v1/datasets",
             "/v1/datasets/tiny",
             "/v1/datasets/tiny/batches/0?batch_size=1",
+            "/v1/status",
             "/metrics",
             "/openapi.json",
             "/docs",
@@ -394,11 +395,15 @@ def test_bad_tokens_are_401_never_500(server: ServerProcess, figures: Figures) -
             assert status == 401, (what, route, status, body[:200])
             assert json.loads(body)["error"] == "unauthorized"
             tried += 1
+        for page in ("/", "/status"):  # a browser's page: the login form, no status
+            status, body = get(server.port, page, headers)
+            assert status == 401 and b"<form" in body and b"jobs" not in body, (what, page)
+            tried += 1
     assert get(server.port, "/healthz", {})[0] == 200
     # The comparison is constant-time (hmac.compare_digest over the raw header bytes).
     import inspect
 
-    assert "hmac.compare_digest(" in inspect.getsource(app_module._BearerAuth.__call__)
+    assert "hmac.compare_digest(" in inspect.getsource(auth_module.BearerAuth.__call__)
     figures.record("tokens", tried=tried, unauthorized_401=tried, server_errors=0)
 
 

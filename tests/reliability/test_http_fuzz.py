@@ -57,7 +57,7 @@ def _msgpack(_ctx: DeserializationContext, response: Response) -> Any:
     return {"dataset": batch.dataset, "epoch": batch.epoch, "batch": batch.batch}
 
 
-_NO_PARAMETERS = {"GET /healthz", "GET /metrics", "GET /v1/datasets"}
+_NO_PARAMETERS = {"GET /healthz", "GET /metrics", "GET /v1/datasets", "GET /v1/status"}
 _seen: Counter[str] = Counter()
 _lock = threading.Lock()
 

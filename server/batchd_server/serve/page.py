@@ -167,7 +167,7 @@ _PAGE = f"""<!doctype html>
 <header><h1>batchd</h1><span id="version"></span><span id="state">connecting</span></header>
 <main>
 <section><h2>Live jobs</h2><table>
-<thead><tr><th>dataset</th><th class="num">seed</th><th class="num">batch</th><th>split</th>
+<thead><tr><th>dataset</th><th class="num">seed</th><th class="num">batch size</th><th>split</th>
 <th>augment</th><th class="num">rank</th><th class="num">epoch</th><th class="num">batch k / n</th>
 <th></th><th class="num">images/s</th><th class="num">ETA</th><th class="num">trainers</th>
 <th class="num">data stall</th><th>last 5 min</th></tr></thead>

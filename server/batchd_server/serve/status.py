@@ -17,7 +17,9 @@ The figures, for one job:
   waited for batches rather than trained. Each batchd client sends the seconds it has
   waited in all (``X-Batchd-Wait``, docs/protocol.md); a trainer's stall is how fast
   that grows against the server's clock between its requests, and a job's is the mean
-  over its trainers. Generic HTTP clients send nothing: their stall is unknown (null).
+  over its trainers. Requests of one trainer can arrive out of order (its prefetch
+  threads race), so a value below the last one is ignored. Generic HTTP clients send
+  nothing: their stall is unknown (null).
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ __all__ = [
 WINDOW_S = 60.0
 #: images/s is measured over this many seconds.
 RATE_S = 10.0
-#: The sparkline: images/s per bucket of this many seconds ...
+#: The sparkline: images/s per finished bucket of this many seconds ...
 SPARK_BUCKET_S = 5.0
 #: ... over this many buckets (five minutes).
 SPARK_BUCKETS = 60
@@ -101,7 +103,7 @@ class _Trainer:
         if wait is None:
             return
         if self.waits and wait < self.waits[-1][1]:
-            self.waits.clear()  # a new client in the same process: start over
+            return  # sent before the last one (prefetch threads race): nothing new
         self.waits.append((now, wait))
         while len(self.waits) > 2 and self.waits[1][0] <= now - WINDOW_S:
             self.waits.popleft()  # keep one sample at or before the window's start
@@ -217,7 +219,7 @@ class JobBoard:
         bucket = int(now // SPARK_BUCKET_S)
         spark = [
             round(job.spark.get(b, 0) / SPARK_BUCKET_S, 1)
-            for b in range(bucket - SPARK_BUCKETS + 1, bucket + 1)
+            for b in range(bucket - SPARK_BUCKETS, bucket)  # whole buckets: not the current one
         ]
         return {
             **job.about,

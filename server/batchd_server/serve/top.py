@@ -85,7 +85,7 @@ def render(doc: dict[str, Any]) -> str:
         f"{s['cores']} cores  queued {s['queued']}  computing {s['inflight']}  "
         f"read-ahead {s['readahead_running']}/{s['readahead_depth']}  cache "
         f"{_bytes(s['cache_bytes'])} (hit {_pct(s['cache_hit_rate'])})  "
-        f"served {s['batches_served']}  4xx {s['responses_4xx']}  5xx {s['responses_5xx']}",
+        f"served {s['batches_served']:,}  4xx {s['responses_4xx']}  5xx {s['responses_5xx']}",
         "",
     ]
     jobs = [
