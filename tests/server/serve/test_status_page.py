@@ -8,6 +8,8 @@ launched by path; where it (or Playwright) is missing the tests skip and say whi
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -30,6 +32,7 @@ sync_api = pytest.importorskip(
 )
 
 TOKEN = "page-test-token"
+TOP = [sys.executable, "-c", "from batchd_server.cli import main; main()", "top", "--once"]
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +96,24 @@ def test_the_page_shows_the_live_job_and_its_counter_advances(data: Path, browse
             assert page.text_content("#datasets").count("tiny") == 1
             assert "live" in page.get_attribute("#state", "class")
             assert page.query_selector("tr.job svg.spark polyline") is not None
+            trainer.done.set()
+            trainer.join(10)
+            time.sleep(1.5)  # one refresh after the last request: the page, the JSON and
+            # batchd top now show one moment
+            (job,) = batchd.server_status(srv.url)["jobs"]
+            cells = page.text_content("tr.job td.batch")
+            assert cells == f"{job['batch'] + 1} / {job['num_batches']}"
+            assert page.text_content("tr.job td.epoch") == str(job["epoch"])
+            assert page.text_content("tr.job td.trainers") == str(job["trainers"]) == "1"
+            top = subprocess.run(
+                [*TOP, "--url", srv.url],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                check=True,
+            ).stdout
+            (line,) = [ln for ln in top.splitlines() if ln.startswith("tiny ") and "/1 " in ln]
+            assert f"{job['batch'] + 1}/{job['num_batches']}" in line.split()
             assert errors == []
         finally:
             trainer.done.set()
