@@ -5,13 +5,14 @@ reference.
 """
 
 from . import lease
-from .codec import decode_image
+from .codec import DECODERS, decode_image
 from .header import CHUNK_SIZE, FORMAT_VERSION, HEADER_NAME, Encoding, FieldSpec, Role, le_dtype
 from .reader import Dataset, open_dataset, verify
 from .writer import DatasetWriter, Encoded
 
 __all__ = [
     "CHUNK_SIZE",
+    "DECODERS",
     "FORMAT_VERSION",
     "HEADER_NAME",
     "Dataset",

@@ -70,6 +70,9 @@ class ServerStatus(BaseModel):
     announced_bytes: int = Field(description="pack bytes announced to the kernel ahead")
     responses_4xx: int
     responses_5xx: int
+    decoders: dict[str, str] = Field(
+        description="the library (and version) decoding encoded images: jpeg, other"
+    )
 
 
 class Status(BaseModel):

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 from batchd import __version__
 
+from ..format import DECODERS
 from .metrics import resident_share
 
 if TYPE_CHECKING:
@@ -294,6 +295,7 @@ class Overview:
                 "announced_bytes": int(m.total(m.announced_bytes)),
                 "responses_4xx": int(m.total(m.responses, status="4xx")),
                 "responses_5xx": int(m.total(m.responses, status="5xx")),
+                "decoders": dict(DECODERS),
             },
         }
 
