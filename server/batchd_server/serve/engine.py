@@ -21,12 +21,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import hashlib
-import itertools
 import logging
 import os
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -34,7 +31,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from batchd.buffers import Buffers
-from batchd.wire import Layout, layout
+from batchd.wire import Layout
 
 from ..augment import Pipeline
 from ..errors import (
@@ -51,7 +48,8 @@ from ..errors import (
 from ..format import Dataset
 from ..shuffle import EpochPlan, permutation
 from .cache import LRU, ByteLRU
-from .fill import filler
+from .fill import body_layout, filler, row_bytes, row_chunks
+from .info import dataset_info
 from .memory import MemoryPlan
 from .memory import plan as memory_plan
 from .metrics import Metrics, resident_share
@@ -61,7 +59,7 @@ from .registry import Registry
 from .request import BatchRequest
 from .shm import ShmArena
 from .splits import SplitIds
-from .status import ClientMark, JobBoard
+from .status import ClientMark, JobBoard, job_label
 
 __all__ = ["Engine", "EngineConfig", "Served"]
 
@@ -71,7 +69,6 @@ _FOREGROUND = 0
 _READAHEAD = 1
 _BODY_OVERHEAD = 64 * 1024  # msgpack headers and alignment pads of one body, generously
 _ACTIVE_S = 10.0  # a job that asked for a batch this recently shares the read-ahead budget
-_MIN_ROWS_PER_CHUNK = 8  # below this, splitting a batch costs more than it saves
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -146,35 +143,6 @@ class _Stale(Exception):
     """The pack changed on disk after it was looked up; look it up again."""
 
 
-def _layout(
-    req: BatchRequest,
-    fingerprint: str,
-    rows: int,
-    fields: dict[str, tuple[np.dtype[Any], tuple[int, ...]]],
-    alloc: Callable[[int], NDArray[np.uint8]] | None,
-) -> Layout:
-    return layout(
-        dataset=req.dataset,
-        fingerprint=fingerprint,
-        epoch=req.epoch,
-        batch=req.k,
-        rows=rows,
-        fields=fields,
-        alloc=alloc,
-    )
-
-
-def _row_bytes(fields: dict[str, tuple[np.dtype[Any], tuple[int, ...]]]) -> int:
-    """Body bytes per sample: its sample id and every output field."""
-    return 8 + sum(dt.itemsize * int(np.prod(shape)) for dt, shape in fields.values())
-
-
-def _chunks(rows: int, parts: int) -> list[tuple[int, int]]:
-    parts = max(1, min(parts, rows // _MIN_ROWS_PER_CHUNK or 1))
-    bounds = np.linspace(0, rows, parts + 1).astype(int)
-    return [(int(a), int(b)) for a, b in itertools.pairwise(bounds) if b > a]
-
-
 class Engine:
     """Validates batch requests and computes their bodies; one per server process."""
 
@@ -199,7 +167,7 @@ class Engine:
         self._active: LRU[tuple[Any, ...], float] = LRU(256)  # job -> last request (monotonic)
         self._gate = ByteGate(self.memory.compute_bytes)
         for ds in registry.datasets():
-            self._place(ds)
+            self.memory.place(ds)
         self._pool = PriorityPool(self.config.threads)
         self._cache: ByteLRU[tuple[Any, ...]] = ByteLRU(self.config.cache_bytes)
         # Bodies are laid out in recycled buffers: zeroing fresh pages for every
@@ -212,7 +180,7 @@ class Engine:
         self._out_fields = LRU(256)
         self._orders: LRU[tuple[str, int, int, int], asyncio.Future[NDArray[np.integer]]]
         self._orders = LRU(8)
-        self._split_ids = SplitIds(self._pool)
+        self.split_ids = SplitIds(self._pool)
         self.board = JobBoard()  # live jobs for GET /v1/status
         with contextlib.suppress(ImportError):  # one OpenCV thread per pool worker
             import cv2
@@ -263,19 +231,8 @@ class Engine:
     async def dataset(self, name: str) -> Dataset:
         # A lookup may rescan --data and open packs: file I/O, so off the event loop.
         ds = await asyncio.to_thread(self.registry.get, name)
-        self._place(ds)
+        self.memory.place(ds)
         return ds
-
-    def _place(self, ds: Dataset) -> None:
-        """Choose how ``ds`` is read: through its mapping only if it fits the memory budget."""
-        if not self.memory.fits(ds.nbytes) and ds.unmapped is None:
-            # Read through the mapping, a pack bigger than memory thrashes (a reclaimed
-            # page faults back 4 KiB at a time): whole-sample reads, announced ahead.
-            ds.set_read_path(
-                f"{ds.nbytes >> 20} MiB pack > 3/4 of the {self.memory.budget >> 20} MiB "
-                f"memory budget ({self.memory.source}): read ahead by the permutation"
-            )
-            log.info("%s: reads %s", ds.name, ds.reads)
 
     def _prepare(
         self, req: BatchRequest, ds: Dataset, split: NDArray[np.integer] | None = None
@@ -284,7 +241,7 @@ class Engine:
         plan = req.plan(ds.count if split is None else len(split))
         req.check_k(plan)
         out_fields = self.output_fields(ds, pipeline)
-        per_sample = _row_bytes(out_fields)
+        per_sample = row_bytes(out_fields)
         cap = self.config.max_batch_bytes
         rows = min(req.batch_size, plan.samples_per_rank)  # a batch holds no more than that
         if _BODY_OVERHEAD + per_sample * rows > cap:
@@ -331,7 +288,7 @@ class Engine:
 
     async def _batch(self, req: BatchRequest, mark: ClientMark | None) -> Served:
         ds = await self.dataset(req.dataset)
-        prep = self._prepare(req, ds, await self._split_ids.ids(ds, req))
+        prep = self._prepare(req, ds, await self.split_ids.ids(ds, req))
         self.metrics.job_progress(job_label(req.dataset, prep.job), req.k)
         source: Literal["hit", "miss", "join"]
         body = self._cache.get(prep.key)
@@ -359,33 +316,9 @@ class Engine:
             body = await asyncio.shield(flight.task)
         self._read_ahead(prep)
         await self._announce(prep)
-        self._record(prep, mark)
+        self.board.served(prep.req, prep.plan, prep.pipeline.canonical, prep.job, mark)
         cached = prep.key in self._cache
         return Served(body, source, ds.fingerprint, prep.plan.num_batches, cached)
-
-    def _record(self, prep: _Prepared, mark: ClientMark | None) -> None:
-        req, plan = prep.req, prep.plan
-        self.board.record(
-            (req.dataset, *prep.job[:2], *prep.job[3:]),  # the job, whatever its epoch
-            {
-                "dataset": req.dataset,
-                "seed": req.seed,
-                "batch_size": req.batch_size,
-                "shuffle": req.shuffle,
-                "drop_last": req.drop_last,
-                "rank": req.rank,
-                "world_size": req.world_size,
-                "split": req.split,
-                "augment": prep.pipeline.canonical,
-            },
-            metrics_job=job_label(req.dataset, prep.job),
-            epoch=req.epoch,
-            k=req.k,
-            num_batches=plan.num_batches,
-            batch_size=req.batch_size,
-            rows=min(req.batch_size, plan.samples_per_rank - req.k * req.batch_size),
-            mark=mark,
-        )
 
     def load(self) -> dict[str, int]:
         """How busy the engine is now: queued work, batches computing, cache and read-ahead."""
@@ -442,7 +375,7 @@ class Engine:
         ids = _pack_ids(prep, order, req.k)
         alloc = self.shm.allocate if self.shm is not None else self._bodies.take
         lay: Layout = await self._pool.submit(
-            flight.priority, _layout, req, ds.fingerprint, len(ids), prep.out_fields, alloc
+            flight.priority, body_layout, req, ds.fingerprint, len(ids), prep.out_fields, alloc
         )
         lay.index[:] = ids
         if self._announcer.needed(ds) and self._last_announced(prep.job) < req.k:
@@ -455,7 +388,7 @@ class Engine:
             self.registry.invalidate(req.dataset)
             raise _Stale(str(exc)) from None
         fill = filler(ds, prep.pipeline, ids, req.seed, req.epoch, lay.fields)
-        pending = _chunks(len(ids), self.config.threads)
+        pending = row_chunks(len(ids), self.config.threads)
         try:
             while pending:
                 if flight.priority == _FOREGROUND:
@@ -542,7 +475,7 @@ class Engine:
 
     @staticmethod
     def _body_bytes(prep: _Prepared) -> int:
-        return _row_bytes(prep.out_fields) * prep.req.batch_size
+        return row_bytes(prep.out_fields) * prep.req.batch_size
 
     def _readahead_done(self, task: asyncio.Task[Any]) -> None:
         self._readahead_flights -= 1
@@ -555,84 +488,9 @@ class Engine:
         entries = await asyncio.to_thread(self.registry.entries)
         for e in entries:
             if e.dataset is not None:
-                self._place(e.dataset)
+                self.memory.place(e.dataset)
         return [e.describe() for e in entries]
 
-    async def info(
-        self,
-        name: str,
-        *,
-        batch_size: int | None = None,
-        shuffle: bool = True,
-        drop_last: bool = False,
-        rank: int = 0,
-        world_size: int = 1,
-        augment: str | None = None,
-        split: str | None = None,
-        split_seed: int = 0,
-        stratify: str | None = None,
-    ) -> dict[str, Any]:
-        """Dataset facts; with ``batch_size`` the epoch plan, with ``augment`` the batch fields.
-
-        With ``split``, ``count`` and the plan are the split's (``pack_count`` is the pack's).
-        """
-        # Every parameter given is checked, whether or not a plan is asked for.
-        probe = BatchRequest(
-            dataset=name,
-            k=0,
-            batch_size=1 if batch_size is None else batch_size,
-            shuffle=shuffle,
-            drop_last=drop_last,
-            rank=rank,
-            world_size=world_size,
-            split=split,
-            split_seed=split_seed,
-            stratify=stratify,
-        )
-        ds = await self.dataset(name)
-        ids = await self._split_ids.ids(ds, probe)
-        count = ds.count if ids is None else len(ids)
-        out: dict[str, Any] = {
-            "name": name,
-            "count": count,
-            "pack_count": ds.count,
-            "split": None
-            if probe.split is None
-            else {"split": probe.split, "split_seed": split_seed, "stratify": stratify},
-            "fingerprint": ds.fingerprint,
-            "classes": list(ds.classes) if ds.classes is not None else None,
-            "fields": {
-                f.name: {
-                    "dtype": np.dtype(f.dtype).str,
-                    "shape": list(f.shape) if f.shape is not None else None,
-                    "role": f.role,
-                    "encoding": f.encoding,
-                }
-                for f in ds.fields.values()
-            },
-        }
-        if augment is not None:
-            fields = self.output_fields(ds, self.pipeline(augment))
-            out["batch_fields"] = {
-                n: {"dtype": dt.str, "shape": list(shape)} for n, (dt, shape) in fields.items()
-            }
-        if batch_size is not None:
-            plan = probe.plan(count)
-            out["plan"] = {
-                "batch_size": batch_size,
-                "shuffle": shuffle,
-                "drop_last": drop_last,
-                "rank": rank,
-                "world_size": world_size,
-                "samples_per_rank": plan.samples_per_rank,
-                "num_batches": plan.num_batches,
-                "padded": plan.padded,
-                "dropped": plan.dropped,
-            }
-        return out
-
-
-def job_label(dataset: str, job: tuple[Any, ...]) -> str:
-    """A short, stable label for a job (all of a batch's key but its index)."""
-    digest = hashlib.blake2b(repr(job).encode(), digest_size=4).hexdigest()
-    return f"{dataset}:{digest}"
+    async def info(self, name: str, **plan: Any) -> dict[str, Any]:
+        """Dataset facts, and with parameters its epoch plan (:func:`.info.dataset_info`)."""
+        return await dataset_info(self, name, **plan)

@@ -17,16 +17,56 @@ otherwise with ``preadv``.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from numpy.typing import NDArray
 
+from batchd.wire import Layout, layout
+
 from ..augment import Pipeline
 from ..format import Dataset
 
-__all__ = ["filler"]
+if TYPE_CHECKING:
+    from .request import BatchRequest
+
+__all__ = ["body_layout", "filler", "row_bytes", "row_chunks"]
+
+_MIN_ROWS_PER_CHUNK = 8  # below this, splitting a batch costs more than it saves
+Fields = dict[str, tuple[np.dtype[Any], tuple[int, ...]]]
+
+
+def body_layout(
+    req: BatchRequest,
+    fingerprint: str,
+    rows: int,
+    fields: Fields,
+    alloc: Callable[[int], NDArray[np.uint8]] | None,
+) -> Layout:
+    """The body of ``req``'s batch (``rows`` samples of ``fields``), laid out by batchd.wire."""
+    return layout(
+        dataset=req.dataset,
+        fingerprint=fingerprint,
+        epoch=req.epoch,
+        batch=req.k,
+        rows=rows,
+        fields=fields,
+        alloc=alloc,
+    )
+
+
+def row_bytes(fields: Fields) -> int:
+    """Body bytes per sample: its sample id and every output field."""
+    return 8 + sum(dt.itemsize * int(np.prod(shape)) for dt, shape in fields.values())
+
+
+def row_chunks(rows: int, parts: int) -> list[tuple[int, int]]:
+    """``rows`` split into at most ``parts`` ranges of at least a few rows each."""
+    parts = max(1, min(parts, rows // _MIN_ROWS_PER_CHUNK or 1))
+    bounds = np.linspace(0, rows, parts + 1).astype(int)
+    return [(int(a), int(b)) for a, b in itertools.pairwise(bounds) if b > a]
 
 
 def filler(

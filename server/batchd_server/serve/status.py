@@ -25,6 +25,7 @@ The figures, for one job:
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import math
 import os
 import re
@@ -39,8 +40,10 @@ from ..format import DECODERS
 from .metrics import resident_share
 
 if TYPE_CHECKING:
+    from ..shuffle import EpochPlan
     from .engine import Engine
     from .registry import Entry
+    from .request import BatchRequest
 
 __all__ = [
     "MAX_LIVE_JOBS",
@@ -51,6 +54,7 @@ __all__ = [
     "JobBoard",
     "Overview",
     "client_mark",
+    "job_label",
 ]
 
 #: A job is live (listed) while one of its trainers asked for a batch this recently.
@@ -65,6 +69,12 @@ SPARK_BUCKETS = 60
 MAX_LIVE_JOBS = 64
 _MAX_CLIENTS = 256  # trainers remembered per job
 _CLIENT_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+def job_label(dataset: str, job: tuple[Any, ...]) -> str:
+    """A short, stable label for a job (all of a batch's key but its index): /metrics' ``job``."""
+    digest = hashlib.blake2b(repr(job).encode(), digest_size=4).hexdigest()
+    return f"{dataset}:{digest}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +151,37 @@ class JobBoard:
     def __init__(self, clock: Any = time.monotonic) -> None:
         self._clock = clock
         self._jobs: OrderedDict[tuple[Any, ...], _Job] = OrderedDict()
+
+    def served(
+        self,
+        req: BatchRequest,
+        plan: EpochPlan,
+        augment: str,
+        job: tuple[Any, ...],
+        mark: ClientMark | None,
+    ) -> None:
+        """Note the answer to ``req`` (of ``plan``; ``job`` is its cache key less ``k``)."""
+        self.record(
+            (req.dataset, *job[:2], *job[3:]),  # the job, whatever its epoch
+            {
+                "dataset": req.dataset,
+                "seed": req.seed,
+                "batch_size": req.batch_size,
+                "shuffle": req.shuffle,
+                "drop_last": req.drop_last,
+                "rank": req.rank,
+                "world_size": req.world_size,
+                "split": req.split,
+                "augment": augment,
+            },
+            metrics_job=job_label(req.dataset, job),
+            epoch=req.epoch,
+            k=req.k,
+            num_batches=plan.num_batches,
+            batch_size=req.batch_size,
+            rows=min(req.batch_size, plan.samples_per_rank - req.k * req.batch_size),
+            mark=mark,
+        )
 
     def record(
         self,
