@@ -55,6 +55,7 @@ from .ops import (
     VFlip,
     parse_op,
 )
+from .rows import Norm, put_values, write_row
 from .sample import Sample
 from .windows import Windows, windows_only
 
@@ -84,9 +85,6 @@ class FieldLike(Protocol):
     def shape(self) -> tuple[int | None, ...] | None: ...
 
 
-_Norm = tuple[Array | None, Array, Array]
-
-
 @dataclass(frozen=True)
 class _Plan:
     """A pipeline bound to one dataset's fields: who is image/mask/value, final shapes."""
@@ -99,7 +97,7 @@ class _Plan:
     shapes: dict[str, tuple[int, ...]]
     #: image name -> (uint8 lookup table or None, scale, offset) when the pipeline ends
     #: with normalize: out = x * scale - offset.
-    normalize: dict[str, _Norm]
+    normalize: dict[str, Norm]
     #: height and width shared by every image/mask field, when fixed.
     source_hw: tuple[int, int] | None
 
@@ -229,7 +227,7 @@ class Pipeline:
         hw = source_hw = self._check_geometry(geo)
         for op in self.ops:
             hw = op.out_size(hw)
-        normalize: dict[str, _Norm] = {}
+        normalize: dict[str, Norm] = {}
         last = self.ops[-1] if self.ops else None
         for name, (h, w, chans) in geo.items():
             self._check_dtypes(name, np.dtype(fields[name].dtype), chans, name in masks)
@@ -417,14 +415,7 @@ class Pipeline:
         finals = [(name, plan.cv_shapes[name], out[name], plan.normalize.get(name)) for name in geo]
         for k, r in enumerate(rows):
             sample = load(r)
-            for name, shape, buf in values:
-                value = sample[name]
-                if np.shape(value) != shape:
-                    raise PipelineError(
-                        f"sample {sids[k]}: field {name!r} has shape {np.shape(value)}, "
-                        f"expected {shape}"
-                    )
-                buf[r] = value  # setitem: 10x cheaper than copyto for a scalar label
+            put_values(values, sample, r, sids[k])
             if not geo:
                 continue
             arrays: dict[str, Array] = {}
@@ -444,9 +435,6 @@ class Pipeline:
             code = s.flip_code()
             for name, shape, buf, norm in finals:
                 arr = s.arrays[name]
-                dst = buf[r]
-                if dst.shape != shape:  # a trailing channel axis of 1, dropped for OpenCV
-                    dst = np.reshape(dst, shape, copy=False)
                 if arr.shape != shape:
                     raise PipelineError(
                         f"sample {sids[k]}: field {name!r} is {arr.shape} after the pipeline but "
@@ -454,12 +442,7 @@ class Pipeline:
                         "with a size",
                         param="size",
                     )
-                if norm is not None:
-                    _normalize(arr, dst, norm, code)
-                elif code is None:
-                    np.copyto(dst, arr)
-                elif cv2.flip(arr, code, dst=dst) is not dst:
-                    raise AssertionError("cv2.flip did not write into the batch buffer")
+                write_row(arr, buf[r], shape, norm, code)
 
     def _run_windows(
         self,
@@ -484,50 +467,20 @@ class Pipeline:
             for name in plan.images + plan.masks
         ]
         src_hw = plan.source_hw
+        sids = rows_ids.tolist()
         for k, r in enumerate(rows):
             sample = load(r)
-            for name, shape, buf in values:
-                value = sample[name]
-                if np.shape(value) != shape:
-                    raise PipelineError(
-                        f"sample {int(rows_ids[k])}: field {name!r} has shape "
-                        f"{np.shape(value)}, expected {shape}"
-                    )
-                buf[r] = value
+            put_values(values, sample, r, sids[k])
             top, left, code = tops[k], lefts[k], codes[k]
             for name, shape, buf, norm in finals:
                 arr = sample[name]
                 if arr.shape[:2] != src_hw:
                     raise PipelineError(
-                        f"sample {int(rows_ids[k])}: field {name!r} is {arr.shape}, expected "
+                        f"sample {sids[k]}: field {name!r} is {arr.shape}, expected "
                         f"{src_hw[0]}x{src_hw[1]} as the dataset declares"
                     )
                 view = arr[top : top + h, left : left + w]
-                dst = buf[r]
-                if dst.shape != shape:  # a trailing channel axis of 1, dropped for OpenCV
-                    dst = np.reshape(dst, shape, copy=False)
-                    view = view.reshape(shape)
-                if norm is not None:
-                    _normalize(view, dst, norm, None if code == 2 else code)
-                elif code == 2:
-                    np.copyto(dst, view)
-                elif cv2.flip(view, code, dst=dst) is not dst:
-                    raise AssertionError("cv2.flip did not write into the batch buffer")
+                write_row(view, buf[r], shape, norm, None if code == 2 else code)
 
 
 _NO_DRAWS: list[float] = []
-
-
-def _normalize(src: Array, dst: Array, norm: _Norm, code: int | None) -> None:
-    """Write normalised ``src`` (with the pending flip) into the float32 ``dst``."""
-    table, scale, offset = norm
-    if table is not None:
-        # uint8: a per-channel float32 lookup table is ~7x faster than numpy's cast+multiply.
-        cv2.LUT(src, table, dst=dst)
-        if code is not None:
-            cv2.flip(dst, code, dst=dst)
-        return
-    if code is not None:
-        src = cv2.flip(src, code)
-    np.multiply(src, scale if src.ndim == 3 else scale[0], out=dst)
-    np.subtract(dst, offset if src.ndim == 3 else offset[0], out=dst)
