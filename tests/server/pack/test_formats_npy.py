@@ -8,42 +8,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from packimages import H, W, rgb, save
+from packimages import LABELS, H, N, W, nothing_left, reference_pack, rgb, same_as
 
 from batchd_server import PackOptions, open_dataset, pack
 from batchd_server.cli import cli
 from batchd_server.errors import ConfigError, PackError
-
-N = 6
 
 
 def _images() -> np.ndarray:
     return np.stack([rgb(k) for k in range(N)])
 
 
-LABELS = np.array([0, 0, 0, 1, 1, 1], np.int64)
-
-
 @pytest.fixture
 def folder_pack(tmp_path: Path) -> Path:
-    """The same six images packed from a folder: the reference every format must match."""
-    for k in range(N):
-        save(tmp_path / "src" / ("cat" if k < 3 else "dog") / f"{k}.png", rgb(k))
-    pack(tmp_path / "src", tmp_path / "ref", options=PackOptions(progress=False))
-    return tmp_path / "ref"
-
-
-def _same_as(ref: Path, got: Path, image: str = "image", label: str = "label") -> None:
-    with open_dataset(ref) as a, open_dataset(got) as b:
-        assert b.count == a.count
-        np.testing.assert_array_equal(b.array(image), a.array("image"))
-        np.testing.assert_array_equal(b.array(label), a.array("label"))
-        assert b.fields[image].role == "image"
-
-
-def _nothing_left(parent: Path, name: str) -> None:
-    assert not (parent / name).exists()
-    assert not [p for p in parent.iterdir() if p.name.startswith(f".{name}.tmp")]
+    return reference_pack(tmp_path)
 
 
 def test_npy_files_round_trip_like_the_folder(folder_pack: Path, tmp_path: Path) -> None:
@@ -52,7 +30,7 @@ def test_npy_files_round_trip_like_the_folder(folder_pack: Path, tmp_path: Path)
     opts = PackOptions(progress=False, fields=(("image", "x"), ("label", "y")))
     s = pack([tmp_path / "x.npy", tmp_path / "y.npy"], tmp_path / "ds", options=opts)
     assert s.count == N
-    _same_as(folder_pack, tmp_path / "ds")
+    same_as(folder_pack, tmp_path / "ds")
     with open_dataset(tmp_path / "ds") as ds:
         assert ds.header["packing"]["kind"] == "npy"
         assert ds.header["packing"]["fields"] == {"image": "x", "label": "y"}
@@ -64,7 +42,7 @@ def test_npz_stored_and_compressed_round_trip(
 ) -> None:
     writer(tmp_path / "d.npz", image=_images(), label=LABELS)  # type: ignore[operator]
     pack(tmp_path / "d.npz", tmp_path / "ds", options=PackOptions(progress=False))
-    _same_as(folder_pack, tmp_path / "ds")
+    same_as(folder_pack, tmp_path / "ds")
 
 
 def test_npz_members_are_memory_mapped_not_loaded(tmp_path: Path) -> None:
@@ -84,7 +62,7 @@ def test_mnist_layout_needs_a_pick_and_a_channel_axis(tmp_path: Path) -> None:
     np.savez(tmp_path / "mnist.npz", x_train=grey, y_train=np.arange(5), x_test=grey[:2])
     with pytest.raises(PackError, match=r"differ in length.*--field image=x_train"):
         pack(tmp_path / "mnist.npz", tmp_path / "ds", options=PackOptions(progress=False))
-    _nothing_left(tmp_path, "ds")
+    nothing_left(tmp_path, "ds")
     picked = (("image", "x_train"), ("label", "y_train"))
     s = pack(tmp_path / "mnist.npz", tmp_path / "a", options=PackOptions(fields=picked))
     assert any("--feature-shape image=12,16,1" in n for n in s.notes)
@@ -113,7 +91,7 @@ def test_refusals_name_the_file_and_leave_nothing(tmp_path: Path) -> None:
         )
     with pytest.raises(ConfigError, match="packed as they are"):
         pack(tmp_path / "x.npy", tmp_path / "ds", options=PackOptions(size=(8, 8)))
-    _nothing_left(tmp_path, "ds")
+    nothing_left(tmp_path, "ds")
 
 
 def test_a_corrupt_compressed_member_is_named(tmp_path: Path) -> None:
@@ -128,7 +106,7 @@ def test_a_corrupt_compressed_member_is_named(tmp_path: Path) -> None:
     with pytest.raises(PackError, match=r"d\.npz:image") as err:
         pack(tmp_path / "d.npz", tmp_path / "ds", options=PackOptions(progress=False))
     assert "nothing was written" in str(err.value) or "truncated" in str(err.value)
-    _nothing_left(tmp_path, "ds")
+    nothing_left(tmp_path, "ds")
 
 
 def test_cli_packs_npy_files(folder_pack: Path, tmp_path: Path) -> None:
@@ -138,7 +116,7 @@ def test_cli_packs_npy_files(folder_pack: Path, tmp_path: Path) -> None:
     result = CliRunner().invoke(cli, [*args, "-q", "--field", "image=x", "--field", "label=y"])
     assert result.exit_code == 0, result.output
     assert "Packed 6 samples" in result.output
-    _same_as(folder_pack, tmp_path / "ds")
+    same_as(folder_pack, tmp_path / "ds")
     result = CliRunner().invoke(cli, [*args, "--field", "image"])
     assert result.exit_code == 2 and "give NAME=KEY" in result.output
 
