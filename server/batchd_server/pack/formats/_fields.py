@@ -20,6 +20,8 @@ from ...format import Role
 from ...format.header import RESERVED
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from ..packer import PackOptions
 
 __all__: list[str] = []
@@ -179,3 +181,20 @@ def pick_columns(
             "image=x_train --field label=y_train)"
         )
     return out, {n: k for k, n in names.items()}, notes
+
+
+class SourceBase:
+    """What every record reader holds for :func:`~batchd_server.pack.stream.pack_records`:
+    its files, the options, and what the header will say (filled in as it reads)."""
+
+    kind = ""
+
+    def __init__(self, paths: list[Path], opts: PackOptions) -> None:
+        self.paths = paths
+        self.opts = opts
+        self.source = ", ".join(str(p) for p in paths)
+        self.total: int | None = None
+        self.classes: list[str] | None = None
+        self.notes: list[str] = []
+        self.extra: dict[str, Any] = {}
+        self.names: dict[str, str] | None = None  # {source key: field}, from the first record

@@ -55,7 +55,7 @@ from ...errors import PackError
 from ..packer import PackOptions, PackSummary
 from ..stream import Record, pack_records
 from . import require
-from ._fields import check_shapes_used, choose, reshaped, shape_for
+from ._fields import SourceBase, check_shapes_used, choose, reshaped, shape_for
 
 __all__ = ["frames", "masked_crc", "pack_source", "parse_example"]
 
@@ -232,19 +232,12 @@ def is_image(b: bytes) -> bool:
 # --------------------------------------------------------------------------- the source
 
 
-class _Source:
+class _Source(SourceBase):
     kind = "tfrecord"
 
     def __init__(self, paths: list[Path], opts: PackOptions) -> None:
-        self.paths = paths
-        self.opts = opts
-        self.source = ", ".join(str(p) for p in paths)
-        self.total: int | None = None
-        self.classes: list[str] | None = None
-        self.notes: list[str] = []
-        self.extra: dict[str, Any] = {}
+        super().__init__(paths, opts)
         self.crc32c: Callable[[bytes], int] = require("tfrecord", "google_crc32c").value
-        self.names: dict[str, str] | None = None
         self.images: set[str] = set()
 
     def _setup(self, feats: dict[str, tuple[str, Any]], where: str) -> dict[str, str]:
