@@ -22,7 +22,7 @@ from ...format.header import RESERVED
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from ..packer import PackOptions
+    from ..packer import PackOptions, PackSummary
 
 __all__: list[str] = []
 
@@ -198,3 +198,39 @@ class SourceBase:
         self.notes: list[str] = []
         self.extra: dict[str, Any] = {}
         self.names: dict[str, str] | None = None  # {source key: field}, from the first record
+
+
+def pack_picked(
+    columns: Mapping[str, tuple[Any, str]],
+    paths: list[Path],
+    out: Path,
+    opts: PackOptions,
+    kind: str,
+    notes: Sequence[str] = (),
+) -> PackSummary:
+    """Pack an array format's arrays (``{key: (array, where)}``): the ``--field`` pick,
+    ``--feature-shape``, roles, and :func:`~batchd_server.pack.packer.pack_columns`."""
+    from ..packer import pack_columns
+
+    where = str(paths[0]) if len(paths) == 1 else f"{paths[0]} and {len(paths) - 1} more"
+    arrays, keys, picked = pick_columns(columns, opts, where)
+    notes = [*notes, *picked]
+    for col in arrays.values():
+        if col.dtype.kind not in "biuf":
+            raise PackError(f"{col.where}: dtype {col.dtype} cannot be packed (numbers only)")
+        if col.shape[0] == 0:
+            raise PackError(f"{col.where}: no rows; nothing to pack")
+    specs = {n: (c.dtype, c.shape[1:]) for n, c in arrays.items()}
+    roles = guess_roles(specs)
+    notes += grey_hint({n: s for n, s in specs.items() if roles[n] == "value"})
+    return pack_columns(
+        out,
+        arrays,
+        roles=roles,
+        overwrite=opts.overwrite,
+        progress=opts.progress,
+        kind=kind,
+        source=", ".join(str(p) for p in paths),
+        notes=notes,
+        extra={"fields": keys},
+    )

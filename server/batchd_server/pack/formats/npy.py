@@ -28,8 +28,8 @@ import numpy as np
 from numpy.typing import NDArray
 
 from ...errors import ConfigError, PackError
-from ..packer import PackOptions, PackSummary, pack_columns
-from ._fields import grey_hint, guess_roles, pick_columns
+from ..packer import PackOptions, PackSummary
+from ._fields import pack_picked
 
 __all__ = ["pack_source"]
 
@@ -162,24 +162,4 @@ def _pack(paths: list[Path], out: Path, opts: PackOptions, stack: ExitStack) -> 
                     f"{where}: a second array keyed {key!r} (the first in {columns[key][1]})"
                 )
             columns[key] = (arr, where)
-    where = str(paths[0]) if len(paths) == 1 else f"{paths[0]} and {len(paths) - 1} more"
-    arrays, keys, notes = pick_columns(columns, opts, where)
-    for col in arrays.values():
-        if col.dtype.kind not in "biuf":
-            raise PackError(f"{col.where}: dtype {col.dtype} cannot be packed (numbers only)")
-        if col.shape[0] == 0:
-            raise PackError(f"{col.where}: no rows; nothing to pack")
-    specs = {n: (c.dtype, c.shape[1:]) for n, c in arrays.items()}
-    roles = guess_roles(specs)
-    notes += grey_hint({n: s for n, s in specs.items() if roles[n] == "value"})
-    return pack_columns(
-        out,
-        arrays,
-        roles=roles,
-        overwrite=opts.overwrite,
-        progress=opts.progress,
-        kind="npy",
-        source=", ".join(str(p) for p in paths),
-        notes=notes,
-        extra={"fields": keys},
-    )
+    return pack_picked(columns, paths, out, opts, "npy")
