@@ -132,3 +132,28 @@ def test_cli_packs_a_brace_pattern(ref: Path, tmp_path: Path) -> None:
         cli, ["pack", str(tmp_path / "shard-{000..002}.tar"), str(tmp_path / "x")]
     )
     assert result.exit_code == 1 and "shard-002.tar: no such file" in str(result.exception)
+
+
+def test_a_mask_member_pairs_with_its_image_and_sizes_must_agree(tmp_path: Path) -> None:
+    import cv2
+    from packimages import rgb
+
+    def grey(k: int, h: int = 12, w: int = 16) -> bytes:
+        return bytes(cv2.imencode(".png", (rgb(k, h, w)[..., 0] % 3).astype(np.uint8))[1])
+
+    samples = {f"{k:06d}": {"png": png(k), "mask.png": grey(k)} for k in range(3)}
+    write_shard(tmp_path / "seg.tar", samples)
+    pack(tmp_path / "seg.tar", tmp_path / "ds", options=PackOptions(size=(6, 8)))
+    with open_dataset(tmp_path / "ds") as ds:
+        assert ds.fields["mask"].role == "mask" and ds.array("mask").shape == (3, 6, 8)
+        assert set(np.unique(ds.array("mask"))) <= {0, 1, 2}  # nearest-neighbour: labels stay
+    samples["000001"] = {
+        "png": bytes(cv2.imencode(".png", rgb(1, 20, 20))[1]),
+        "mask.png": grey(1, 20, 20),
+    }
+    write_shard(tmp_path / "mixed.tar", samples)
+    with pytest.raises(
+        PackError, match=r"sample '000001' .*is 20x20, the first image 12x16.*--size"
+    ):
+        pack(tmp_path / "mixed.tar", tmp_path / "x", options=PackOptions(on_error="skip"))
+    nothing_left(tmp_path, "x")

@@ -197,7 +197,10 @@ _SUFFIXES = (
 
 def _format_of(path: Path) -> str | None:
     if path.is_dir():
-        has_parquet = any(p.suffix in (".parquet", ".pq") for p in path.rglob("*.*"))
+        # Parquet files at the top or one level down (a Hugging Face dataset's data/); no
+        # deeper walk, which in a big image tree would list every file before packing.
+        patterns = ("*.parquet", "*.pq", "*/*.parquet", "*/*.pq")
+        has_parquet = any(next(path.glob(pat), None) is not None for pat in patterns)
         return "parquet" if has_parquet else "folder"
     name = path.name.lower()
     if ".tfrecord" in name:  # train.tfrecord, x.tfrecords, a.tfrecord-00001-of-00004, .gz

@@ -215,6 +215,8 @@ def pack_picked(
     where = str(paths[0]) if len(paths) == 1 else f"{paths[0]} and {len(paths) - 1} more"
     arrays, keys, picked = pick_columns(columns, opts, where)
     notes = [*notes, *picked]
+    if opts.on_error == "skip":
+        notes.append(f"--on-error skip has no effect on {kind} arrays: a read that fails stops")
     for col in arrays.values():
         if col.dtype.kind not in "biuf":
             raise PackError(f"{col.where}: dtype {col.dtype} cannot be packed (numbers only)")

@@ -45,7 +45,7 @@ def _files(paths: list[Path]) -> list[Path]:
     out: list[Path] = []
     for p in paths:
         if p.is_dir():
-            found = sorted(q for q in p.rglob("*") if q.suffix in (".parquet", ".pq"))
+            found = sorted(q for q in p.rglob("*") if q.suffix in (".parquet", ".pq"))  # any depth
             if not found:
                 raise PackError(f"{p}: a folder with no .parquet files")
             out.extend(found)
@@ -135,7 +135,7 @@ class _Source(SourceBase):
             self.notes.append(f"classes are column {key!r}'s (field {names[key]!r})")
         return [str(c) for c in labels[key]]
 
-    def _columns(self, batch: Any, where: str) -> dict[str, list[Any]]:
+    def _columns(self, batch: Any) -> dict[str, list[Any]]:
         out: dict[str, list[Any]] = {}
         assert self.names is not None
         for key in self.names:
@@ -178,8 +178,7 @@ class _Source(SourceBase):
                     for batch in pf.iter_batches(
                         batch_size=self.opts.block, row_groups=[rg], columns=list(self.names)
                     ):
-                        where0 = f"{path} row group {rg}"
-                        cols = self._columns(batch, where0)
+                        cols = self._columns(batch)
                         for i in range(batch.num_rows):
                             where = f"{path} row {first + done + i} (row group {rg})"
                             nulls = [k for k in self.names if cols[k][i] is None]
