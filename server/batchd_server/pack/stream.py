@@ -150,6 +150,12 @@ def _prepare(chunk: _Chunk, layout: _Layout) -> list[Row]:
             cols[f.name].append(v)
         chunk.good.append(j)
         if layout.image is not None:
+            for name in (layout.image, layout.mask):
+                if name is not None and not isinstance(rec.values[name], bytes):
+                    raise PackError(
+                        f"{rec.where}: field {name!r} is not encoded image bytes, as it is in "
+                        "the first record"
+                    )
             chunk.decode_at.append(j)
             mask = rec.values[layout.mask] if layout.mask else None
             rows.append(Row(rec.values[layout.image], mask, rec.where))
@@ -171,7 +177,10 @@ def pack_records(out: Path, src: RecordSource, opts: PackOptions) -> PackSummary
         raise PackError(f"{src.source}: no records; nothing to pack")
     first = next((r for r in head if r.error is None), None)
     if first is None:
-        raise PackError(f"{head[0].where}: {head[0].error}")
+        raise PackError(
+            f"none of the first {len(head)} records reads; the first: {head[0].where}: "
+            f"{head[0].error}"
+        )
     layout = _layout(first, opts)
     size, by_first = opts.size, False
     if layout.image is not None and opts.mode == "raw" and size is None:
