@@ -119,29 +119,3 @@ def test_cli_packs_npy_files(folder_pack: Path, tmp_path: Path) -> None:
     same_as(folder_pack, tmp_path / "ds")
     result = CliRunner().invoke(cli, [*args, "--field", "image"])
     assert result.exit_code == 2 and "give NAME=KEY" in result.output
-
-
-def test_list_formats_names_each_extra() -> None:
-    result = CliRunner().invoke(cli, ["pack", "--list-formats"])
-    assert result.exit_code == 0, result.output
-    for name in ("folder", "csv", "npy", "tfrecord", "webdataset", "parquet", "hdf5"):
-        assert name in result.output
-    assert "batchd[parquet]" in result.output and "batchd[hdf5]" in result.output
-
-
-def test_a_missing_extra_is_one_line_naming_it(monkeypatch: pytest.MonkeyPatch) -> None:
-    import importlib
-
-    from batchd_server.pack import formats
-
-    real = importlib.import_module
-
-    def fake(name: str, package: str | None = None) -> object:
-        if name == "pyarrow":
-            raise ModuleNotFoundError(name="pyarrow")
-        return real(name, package)
-
-    monkeypatch.setattr(formats.importlib, "import_module", fake)
-    with pytest.raises(PackError) as err:
-        formats.require("parquet", "pyarrow")
-    assert "\n" not in str(err.value) and "pip install 'batchd[parquet]'" in str(err.value)
