@@ -120,3 +120,38 @@ def test_cli_packs_a_parquet_file(ref: Path, tmp_path: Path) -> None:
     )
     assert result.exit_code == 0, result.output
     same_as(ref, tmp_path / "ds")
+
+
+def _save_to_disk(folder: Path, keys: range) -> Path:
+    """What ``Dataset.save_to_disk`` writes: Arrow stream files, listed in state.json."""
+    folder.mkdir(parents=True)
+    table = hf_table(keys)
+    with (
+        pa.OSFile(str(folder / "data-00000-of-00001.arrow"), "wb") as sink,
+        pa.ipc.new_stream(sink, table.schema) as writer,
+    ):
+        for batch in table.to_batches(max_chunksize=4):
+            writer.write_batch(batch)
+    state = {"_data_files": [{"filename": "data-00000-of-00001.arrow"}], "_split": "train"}
+    (folder / "state.json").write_text(json.dumps(state))
+    (folder / "dataset_info.json").write_text(json.dumps(HF["info"]))
+    return folder
+
+
+def test_a_save_to_disk_folder_round_trips(ref: Path, tmp_path: Path) -> None:
+    src = _save_to_disk(tmp_path / "saved" / "train", range(N))
+    (tmp_path / "saved" / "dataset_dict.json").write_text('{"splits": ["train"]}')
+    with pytest.raises(PackError, match=r"a DatasetDict .* pack one split's folder .*saved/train"):
+        pack(tmp_path / "saved", tmp_path / "ds")
+    s = pack(src, tmp_path / "ds", options=PackOptions(progress=False, block=3))
+    assert s.count == N
+    same_as(ref, tmp_path / "ds")
+    with open_dataset(tmp_path / "ds") as ds:
+        assert ds.classes == ["cat", "dog"]
+    arrow = src / "data-00000-of-00001.arrow"
+    arrow.write_bytes(arrow.read_bytes()[:-200])
+    with pytest.raises(
+        PackError, match=r"data-00000-of-00001\.arrow: record batch 1 \(from row 4\)"
+    ):
+        pack(src, tmp_path / "x")
+    nothing_left(tmp_path, "x")

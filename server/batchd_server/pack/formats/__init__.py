@@ -8,7 +8,8 @@ csv         a CSV of image paths and numeric targets     (the server install)
 npy         ``.npy`` / ``.npz`` arrays, memory-mapped    (the server install)
 tfrecord    TFRecord files of ``tf.train.Example``       ``batchd[tfrecord]``
 webdataset  WebDataset ``.tar`` shards                   (the server install)
-parquet     Parquet files or folders (Hugging Face)      ``batchd[parquet]``
+parquet     Parquet files or folders (Hugging Face);        ``batchd[parquet]``
+            a ``datasets`` ``save_to_disk`` folder
 hdf5        an HDF5 file's datasets, read in chunks      ``batchd[hdf5]``
 ==========  ===========================================  ==========================
 
@@ -73,7 +74,7 @@ FORMATS: tuple[Format, ...] = (
     ),
     Format(
         "parquet",
-        "Parquet files or a folder of them (Hugging Face image layout)",
+        "Parquet files or folders (Hugging Face layout), a datasets save_to_disk folder",
         "./train.parquet",
         ("pyarrow",),
         "parquet",
@@ -201,7 +202,8 @@ def _format_of(path: Path) -> str | None:
         # deeper walk, which in a big image tree would list every file before packing.
         patterns = ("*.parquet", "*.pq", "*/*.parquet", "*/*.pq")
         has_parquet = any(next(path.glob(pat), None) is not None for pat in patterns)
-        return "parquet" if has_parquet else "folder"
+        saved = (path / "state.json").exists() or (path / "dataset_dict.json").exists()
+        return "parquet" if has_parquet or saved else "folder"
     name = path.name.lower()
     if ".tfrecord" in name:  # train.tfrecord, x.tfrecords, a.tfrecord-00001-of-00004, .gz
         return "tfrecord"

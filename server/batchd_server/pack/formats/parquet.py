@@ -18,8 +18,12 @@ string and anything else                 left out, with a note
 A ``ClassLabel`` column (in the Hugging Face metadata the ``datasets`` library writes
 into the schema, key ``huggingface``) gives the pack its ``classes``. A row group that
 does not read (a corrupt page, a bad checksum) names the file and the row group: its
-rows are errors (``--on-error skip`` records each). ``datasets``' own ``save_to_disk``
-folders (Arrow files) are not read: ``Dataset.to_parquet`` writes what this reads.
+rows are errors (``--on-error skip`` records each).
+
+A ``datasets`` ``save_to_disk`` folder (``state.json`` beside Arrow stream files) is read
+the same way, each Arrow file memory-mapped, batch by batch; a batch that does not read
+stops the pack (an Arrow stream has no index to find the next one). A ``DatasetDict``
+folder is refused with its splits' folders named.
 """
 
 from __future__ import annotations
@@ -42,15 +46,31 @@ __all__ = ["pack_source"]
 
 
 def _files(paths: list[Path]) -> list[Path]:
+    """The Parquet files of ``paths`` (folders at any depth), or a ``save_to_disk``
+    folder's Arrow files (listed in its ``state.json``)."""
     out: list[Path] = []
     for p in paths:
-        if p.is_dir():
+        if p.is_dir() and (p / "dataset_dict.json").exists():
+            splits = sorted(q.name for q in p.iterdir() if (q / "state.json").exists())
+            raise PackError(
+                f"{p}: a DatasetDict saved with save_to_disk; pack one split's folder "
+                f"({', '.join(str(p / s) for s in splits) or 'e.g. train/'})"
+            )
+        if p.is_dir() and (p / "state.json").exists():
+            try:
+                state = json.loads((p / "state.json").read_text(encoding="utf-8"))
+                out.extend(p / f["filename"] for f in state["_data_files"])
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                raise PackError(f"{p / 'state.json'}: not a datasets state file: {exc}") from None
+        elif p.is_dir():
             found = sorted(q for q in p.rglob("*") if q.suffix in (".parquet", ".pq"))  # any depth
             if not found:
                 raise PackError(f"{p}: a folder with no .parquet files")
             out.extend(found)
         else:
             out.append(p)
+    if len({q.suffix == ".arrow" for q in out}) > 1:
+        raise PackError("the sources mix Parquet and Arrow files; pack one kind at a time")
     return out
 
 
@@ -78,10 +98,13 @@ class _Source(SourceBase):
         self.pa = require("parquet", "pyarrow")
         self.pq = require("parquet", "pyarrow.parquet")
         self.files = _files(paths)
+        self.arrow = self.files[0].suffix == ".arrow"
         self.source = ", ".join(str(p) for p in self.files)
-        metas = [self._open(f).metadata for f in self.files]
-        self.total = sum(m.num_rows for m in metas)
-        schema = self._open(self.files[0]).schema_arrow
+        if self.arrow:  # an Arrow stream does not say how many rows it holds up front
+            schema = self._open(self.files[0]).schema
+        else:
+            self.total = sum(self._open(f).metadata.num_rows for f in self.files)
+            schema = self._open(self.files[0]).schema_arrow
         kinds = {n: _kind(self.pa, schema.field(n).type) for n in schema.names}
         where = str(self.files[0])
         if not self.opts.fields:
@@ -108,9 +131,12 @@ class _Source(SourceBase):
 
     def _open(self, path: Path) -> Any:
         try:
+            if self.arrow:
+                return self.pa.ipc.open_stream(self.pa.memory_map(str(path)))
             return self.pq.ParquetFile(path, page_checksum_verification=True)
         except (OSError, self.pa.ArrowException) as exc:
-            raise PackError(f"{path}: not a readable Parquet file: {exc}") from None
+            what = "Arrow stream (save_to_disk)" if self.arrow else "Parquet file"
+            raise PackError(f"{path}: not a readable {what}: {exc}") from None
 
     def _classes(self, schema: Any, names: dict[str, str]) -> list[str] | None:
         meta = (schema.metadata or {}).get(b"huggingface")
@@ -166,41 +192,73 @@ class _Source(SourceBase):
             return arr
         return np.asarray(arr).reshape(reshaped(name, np.shape(arr), target, key))
 
-    def records(self) -> Iterator[Record]:
+    def _rows(self, batch: Any, at: tuple[str, str], row: int) -> Iterator[Record]:
+        """One batch's records; ``row`` is the file's row number of its first, and a
+        record is named ``at[0] + its row + at[1]``."""
         assert self.names is not None
+        cols = self._columns(batch)
+        for i in range(batch.num_rows):
+            where = f"{at[0]}{row + i}{at[1]}"
+            nulls = [k for k in self.names if cols[k][i] is None]
+            if nulls:
+                yield Record(where, {}, f"column {nulls[0]!r} is null")
+                continue
+            yield Record(
+                where,
+                {name: self._value(key, name, cols[key][i]) for key, name in self.names.items()},
+            )
+
+    def records(self) -> Iterator[Record]:
         for path in self.files:
-            pf = self._open(path)
-            first = 0
-            for rg in range(pf.num_row_groups):
-                n = pf.metadata.row_group(rg).num_rows
-                done = 0
-                try:
-                    for batch in pf.iter_batches(
-                        batch_size=self.opts.block, row_groups=[rg], columns=list(self.names)
-                    ):
-                        cols = self._columns(batch)
-                        for i in range(batch.num_rows):
-                            where = f"{path} row {first + done + i} (row group {rg})"
-                            nulls = [k for k in self.names if cols[k][i] is None]
-                            if nulls:
-                                yield Record(where, {}, f"column {nulls[0]!r} is null")
-                                continue
-                            yield Record(
-                                where,
-                                {
-                                    name: self._value(key, name, cols[key][i])
-                                    for key, name in self.names.items()
-                                },
-                            )
-                        done += batch.num_rows
-                except (OSError, self.pa.ArrowException) as exc:
-                    reason = (
-                        f"row group {rg} (rows {first}..{first + n - 1}) does not read: {exc}; "
-                        "the file is damaged"
-                    )
-                    for i in range(done, n):
-                        yield Record(f"{path} row {first + i} (row group {rg})", {}, reason)
-                first += n
+            if self.arrow:
+                yield from self._arrow(path)
+            else:
+                yield from self._parquet(path)
+
+    def _parquet(self, path: Path) -> Iterator[Record]:
+        assert self.names is not None
+        pf = self._open(path)
+        first = 0
+        for rg in range(pf.num_row_groups):
+            n = pf.metadata.row_group(rg).num_rows
+            at = (f"{path} row ", f" (row group {rg})")
+            done = 0
+            try:
+                for batch in pf.iter_batches(
+                    batch_size=self.opts.block, row_groups=[rg], columns=list(self.names)
+                ):
+                    yield from self._rows(batch, at, first + done)
+                    done += batch.num_rows
+            except (OSError, self.pa.ArrowException) as exc:
+                reason = (
+                    f"row group {rg} (rows {first}..{first + n - 1}) does not read: {exc}; "
+                    "the file is damaged"
+                )
+                for i in range(done, n):
+                    yield Record(f"{at[0]}{first + i}{at[1]}", {}, reason)
+            first += n
+
+    def _arrow(self, path: Path) -> Iterator[Record]:
+        assert self.names is not None
+        reader = self._open(path)
+        row = 0
+        k = 0
+        while True:
+            try:
+                batch = reader.read_next_batch()
+            except StopIteration:
+                return
+            except (OSError, self.pa.ArrowException) as exc:
+                raise PackError(
+                    f"{path}: record batch {k} (from row {row}) does not read: {exc}; the file "
+                    "is damaged, and the rows after it cannot be found (nothing was written)"
+                ) from None
+            batch = batch.select(list(self.names))
+            for off in range(0, batch.num_rows, self.opts.block):
+                part = batch.slice(off, self.opts.block)
+                yield from self._rows(part, (f"{path} row ", f" (record batch {k})"), row + off)
+            row += batch.num_rows
+            k += 1
 
 
 def pack_source(paths: list[Path], out: Path, opts: PackOptions) -> PackSummary:
