@@ -1,6 +1,6 @@
 """WebDataset tar shards: members grouped into samples by key, fields by extension.
 
-A shard is a tar (or ``.tar.gz``), read with the standard library's ``tarfile``. As
+A shard is a tar (or ``.tar.gz``), its members read by :mod:`._tar`. As
 WebDataset groups them, a member's *key* is its path up to the first dot of its
 basename and the rest is its *extension* (``train/000017.seg.png``: key
 ``train/000017``, extension ``seg.png``); consecutive members with one key are one
@@ -19,19 +19,15 @@ anything else (``txt``)     left out, with a note
 
 ``--field NAME=KEY`` picks by extension (or a json entry's key): ``--field label=cls``.
 A member that does not read (a tar cut short), a ``cls`` that is not a number, an image
-that does not decode: each names the shard and the member. A corrupt tar header is
-where ``tarfile`` quietly stops; the rest of the shard must then be the tar's zero
-padding, or the shard is reported damaged at that byte.
+that does not decode: each names the shard and the member; a corrupt tar header names
+its byte and the member before it.
 """
 
 from __future__ import annotations
 
 import io
 import json
-import mmap
-import tarfile
 from collections.abc import Iterator
-from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +37,7 @@ from ...errors import PackError
 from ..packer import PackOptions, PackSummary
 from ..stream import Record, pack_records
 from ._fields import SourceBase, check_shapes_used, choose, field_name, reshaped, shape_for
+from ._tar import members
 
 __all__ = ["pack_source", "split_key"]
 
@@ -76,70 +73,13 @@ def _kind(ext: str) -> str | None:
     return None
 
 
-def _open(shard: Path, stack: ExitStack) -> tuple[tarfile.TarFile, Any]:
-    """The shard as a TarFile, and what to check its tail in (the mmap; None for .gz).
-
-    A plain tar is read through an mmap: tarfile seeks and tells at every member, and
-    on a file each is a syscall that gives up the GIL to the decode threads, which
-    made reading the tar, not decoding, the cost (3x slower than a folder, measured).
-    """
-    try:
-        with open(shard, "rb") as f:
-            gz = f.read(2) == b"\x1f\x8b"
-            if gz:
-                return stack.enter_context(tarfile.open(shard, "r:gz")), None
-            mm = stack.enter_context(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
-        return stack.enter_context(tarfile.open(fileobj=mm, mode="r:")), mm
-    except (tarfile.TarError, OSError, EOFError, ValueError) as exc:
-        raise PackError(f"{shard}: not a readable tar file: {exc}") from None
-
-
-def _members(shard: Path) -> Iterator[tuple[str, bytes | None, str | None]]:
-    """(member name, its bytes, None), or (name, None, why it did not read) and stop."""
-    with ExitStack() as stack:
-        tf, mm = _open(shard, stack)
-        last = "(the first member)"
-        while True:
-            try:
-                m = tf.next()
-            except (tarfile.TarError, OSError, EOFError) as exc:
-                yield last, None, f"the tar is damaged after this member: {exc}"
-                return
-            if m is None:
-                break
-            # tarfile keeps every header it read (memory per member); typeshed omits the list
-            tf.members.clear()  # type: ignore[attr-defined]
-            if not m.isfile():
-                continue
-            last = m.name
-            try:
-                f = tf.extractfile(m)
-                assert f is not None  # a regular file
-                data = f.read()
-            except (tarfile.TarError, OSError, EOFError) as exc:
-                yield m.name, None, f"cannot read the member: {exc} (the shard is cut short)"
-                return
-            yield m.name, data, None
-        # tarfile ends quietly at a header whose checksum fails: past the end, only zeros.
-        stop = tf.offset
-        try:
-            tail = mm if mm is not None else tf.fileobj
-            tail.seek(stop)
-            while block := tail.read(1 << 20):
-                if block.count(0) != len(block):
-                    yield last, None, f"a corrupt tar header at byte {stop}, after this member"
-                    return
-        except (OSError, EOFError) as exc:
-            yield last, None, f"the shard is cut short after this member: {exc}"
-
-
 def _samples(shard: Path) -> Iterator[tuple[str, dict[str, bytes], str | None, str]]:
     """(key, {extension: bytes}, error, the member that names it), one per consecutive key;
     the member is the sample's image if it has one."""
     key: str | None = None
     parts: dict[str, bytes] = {}
     member = ""
-    for name, data, error in _members(shard):
+    for name, data, error in members(shard):
         k, ext = split_key(name)
         ext = ext.lower()
         if error is not None:
