@@ -26,12 +26,13 @@ wire type; 0 varint, 1 64-bit, 2 length-delimited, 5 32-bit)::
     Int64List { repeated int64 value = 1; }   packed (wire type 2) or not (0)
 
 Why hand-written, not ``protobuf``: the three messages above are the whole schema,
-the reader is ~80 lines with no generated code or version coupling to a protobuf
+the reader is ~100 lines with no generated code or version coupling to a protobuf
 runtime, and it reads image bytes as slices without building message objects.
 The CRC-32C is ``google-crc32c`` (the ``batchd[tfrecord]`` extra): Google's C library
 with hardware CRC instructions, wheels for the common platforms, the checksum that
-Google's own storage clients use. A numpy or pure-Python CRC is a byte-at-a-time loop,
-about 1 MB/s, which would make checking, not decoding, the cost of a pack of JPEGs.
+Google's own storage clients use: 7 GB/s here. A table-driven CRC in Python is a
+byte-at-a-time loop (2.4 MB/s measured; numpy cannot vectorise its carried state),
+which would make checking, not decoding, the cost of a pack of JPEGs.
 
 Features become fields (named after their keys, or picked with ``--field``): a
 ``bytes`` feature whose first record holds a JPEG, PNG or WebP is the image (decoded
