@@ -36,6 +36,8 @@ from .sources import Row, check_labels, dtype_of, spec_for
 
 __all__ = ["Record", "RecordSource", "pack_records"]
 
+_MAX_HELD = 256 << 20  # encoded bytes read ahead of the writer, whatever the core count
+
 
 @dataclass(frozen=True, slots=True)
 class Record:
@@ -81,6 +83,7 @@ class _Chunk:
     values: dict[str, NDArray[Any] | None]  # only the records not already failed, in order
     good: list[int]  # chunk positions the values arrays hold
     future: Future[Block] | None
+    nbytes: int = 0  # the encoded images it holds
 
 
 def _layout(first: Record, opts: PackOptions) -> _Layout:
@@ -207,6 +210,7 @@ def pack_records(out: Path, src: RecordSource, opts: PackOptions) -> PackSummary
             ThreadPoolExecutor(workers, thread_name_prefix="batchd-pack") as pool,
         ):
             pending: deque[_Chunk] = deque()
+            held = 0
 
             def chunks() -> Iterator[list[Record]]:
                 yield head
@@ -219,9 +223,13 @@ def pack_records(out: Path, src: RecordSource, opts: PackOptions) -> PackSummary
                     rows = _prepare(chunk, layout)
                     if rows:
                         chunk.future = pool.submit(decode_block, rows, job)
+                        chunk.nbytes = sum(len(r.image) for r in rows if isinstance(r.image, bytes))
                     seen += len(records)
                     pending.append(chunk)
-                    if len(pending) >= 2 * workers:
+                    held += chunk.nbytes
+                    # A bounded window, in blocks and in bytes (a record can be a large JPEG).
+                    while len(pending) >= 2 * workers or (held > _MAX_HELD and len(pending) > 1):
+                        held -= pending[0].nbytes
                         bar.update(_write(writer, pending.popleft(), layout, src, opts, budget))
                 while pending:
                     bar.update(_write(writer, pending.popleft(), layout, src, opts, budget))

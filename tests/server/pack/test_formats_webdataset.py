@@ -157,3 +157,15 @@ def test_a_mask_member_pairs_with_its_image_and_sizes_must_agree(tmp_path: Path)
     ):
         pack(tmp_path / "mixed.tar", tmp_path / "x", options=PackOptions(on_error="skip"))
     nothing_left(tmp_path, "x")
+
+
+def test_a_tight_read_ahead_in_bytes_keeps_order(
+    ref: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from batchd_server.pack import stream
+
+    monkeypatch.setattr(stream, "_MAX_HELD", 1)  # every block written before the next is read
+    _shards(tmp_path)
+    opts = PackOptions(progress=False, block=1, workers=4)
+    pack(str(tmp_path / "shard-*.tar"), tmp_path / "ds", options=opts)
+    same_as(ref, tmp_path / "ds")
