@@ -7,9 +7,16 @@ The naive loop is the one from the memmap report that motivated batchd (700k
         img = cv2.imread(path); img = cv2.resize(img, (64, 64)); mm[i] = img
 
 Both contenders read the same files from a warm page cache (the files were just
-written), so this measures decode + write, not the disk. Run::
+written), so this measures decode + write, not the disk.
 
-    python -m benchmarks.bench_pack [--quick] [--json] [--count N] [--workers N]
+Then the same images from each other source ``batchd pack`` reads (``formats`` in the
+JSON, images/s beside the folder's): TFRecord, WebDataset tar and Parquet hold the
+same PNG bytes, so they differ from the folder by their readers (one file opened,
+not thousands; CRC-32C and protobuf for TFRecord); ``.npy`` and HDF5 hold the decoded
+pixels, so theirs is a copy with no decoding at all. A format whose extra is not
+installed is listed under ``formats_skipped`` with the reason. Run::
+
+    python -m benchmarks.bench_pack [--quick] [--json] [--count N] [--workers N] [--no-formats]
 """
 
 from __future__ import annotations
@@ -82,6 +89,88 @@ def batchd_pack(src: Path, out: Path, workers: int | None) -> float:
     return time.perf_counter() - t
 
 
+def write_sources(paths: list[Path], work: Path) -> dict[str, list[Path]]:
+    """The same images as each other format's files: ``{format: [paths]}`` (where installed)."""
+    import io
+    import json as _json
+    import tarfile
+
+    from batchd_server.pack.formats import FORMATS
+
+    labels = np.asarray([int(p.parent.name[-2:]) for p in paths], np.int64)
+    missing = {f.name for f in FORMATS if f.missing()}
+    out: dict[str, list[Path]] = {}
+    pixels = np.stack([cv2.imread(str(p))[..., ::-1] for p in paths])
+    np.save(work / "x.npy", pixels)
+    np.save(work / "y.npy", labels)
+    out["npy"] = [work / "x.npy", work / "y.npy"]
+    with tarfile.open(work / "shard.tar", "w") as tf:
+        for i, p in enumerate(paths):
+            for ext, data in (("png", p.read_bytes()), ("cls", str(labels[i]).encode())):
+                info = tarfile.TarInfo(f"{i:07d}.{ext}")
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+    out["webdataset"] = [work / "shard.tar"]
+    if "tfrecord" not in missing:
+        import google_crc32c
+
+        from benchmarks._tfrecord import example_png
+
+        with open(work / "train.tfrecord", "wb") as f:
+            for i, p in enumerate(paths):
+                f.write(example_png(p.read_bytes(), int(labels[i]), google_crc32c.value))
+        out["tfrecord"] = [work / "train.tfrecord"]
+    if "parquet" not in missing:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        image = pa.array(
+            [{"bytes": p.read_bytes(), "path": p.name} for p in paths],
+            pa.struct([("bytes", pa.binary()), ("path", pa.string())]),
+        )
+        table = pa.table({"image": image, "label": pa.array(labels)})
+        hf = {
+            "info": {
+                "features": {
+                    "label": {
+                        "_type": "ClassLabel",
+                        "names": [f"class{c:02d}" for c in range(CLASSES)],
+                    }
+                }
+            }
+        }
+        pq.write_table(
+            table.replace_schema_metadata({b"huggingface": _json.dumps(hf).encode()}),
+            work / "train.parquet",
+        )
+        out["parquet"] = [work / "train.parquet"]
+    if "hdf5" not in missing:
+        import h5py
+
+        with h5py.File(work / "data.h5", "w") as f:
+            f.create_dataset("image", data=pixels, chunks=(256, SIZE, SIZE, 3))
+            f.create_dataset("label", data=labels)
+        out["hdf5"] = [work / "data.h5"]
+    return out
+
+
+def format_pack(name: str, sources: list[Path], out: Path, workers: int | None) -> float:
+    t = time.perf_counter()
+    fields: tuple[tuple[str, str], ...] = ()
+    size: tuple[int, int] | None = (SIZE, SIZE)
+    if name == "npy":  # decoded arrays: packed as they are, no --size
+        fields, size = (("image", "x"), ("label", "y")), None
+    elif name == "hdf5":
+        size = None
+    elif name == "tfrecord":
+        fields = (("image", "image/encoded"), ("label", "image/class/label"))
+    elif name == "webdataset":
+        fields = (("image", "png"), ("label", "cls"))
+    opts = PackOptions(size=size, workers=workers, progress=False, overwrite=True, fields=fields)
+    pack(sources, out, options=opts, fmt=name)
+    return time.perf_counter() - t
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -100,6 +189,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--workers", type=int, default=None, help="decode threads (default: one per core)"
     )
+    ap.add_argument(
+        "--no-formats",
+        action="store_true",
+        help="only the folder: skip packing the same images from the other formats",
+    )
     args = ap.parse_args(argv)
     count = args.count or (2_000 if args.quick else 20_000)
     repeats = args.repeats or (1 if args.quick else 3)
@@ -117,6 +211,25 @@ def main(argv: list[str] | None = None) -> int:
         cpu0 = _cpu()
         naives = [naive(naive_paths, work / "naive.npy") for _ in range(repeats)]
         naive_cpu = (_cpu() - cpu0) / (repeats * len(naive_paths))
+        formats: dict[str, float] = {}
+        skipped: dict[str, str] = {}
+        if not args.no_formats:
+            from batchd_server.pack.formats import FORMATS
+
+            log("writing the same images as npy, tar, TFRecord, Parquet, HDF5 ...")
+            sources = write_sources(paths, work)
+            for f in FORMATS:
+                if f.name in ("folder", "csv"):
+                    continue
+                if f.name not in sources:
+                    skipped[f.name] = f"pip install 'batchd[{f.extra}]'"
+                    continue
+                format_pack(f.name, sources[f.name], work / "warm", args.workers)
+                best = min(
+                    format_pack(f.name, sources[f.name], work / f"ds-{f.name}", args.workers)
+                    for _ in range(repeats)
+                )
+                formats[f.name] = count / best
         cores = len(os.sched_getaffinity(0))
         best_pack, best_naive = min(packs), min(naives)
         result: dict[str, Any] = {
@@ -133,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
             "batchd_cpu_us_per_image": pack_cpu * 1e6,
             "naive_cpu_us_per_image": naive_cpu * 1e6,
             "batchd_images_per_s_if_cores_idle": cores / pack_cpu,
+            "formats": {"folder": count / best_pack, **formats},
+            "formats_skipped": skipped,
             "loadavg_1min": os.getloadavg()[0],
             "bytes_png": sum(p.stat().st_size for p in paths),
             "env": {
@@ -158,6 +273,11 @@ def main(argv: list[str] | None = None) -> int:
             f"speedup {r['speedup_vs_naive']:.1f}x the naive loop here, "
             f"{r['speedup_vs_reference_56_per_s']:.0f}x the report's 56 images/s; {r['env']['cpus']} CPUs"
         )
+        for name, rate in r["formats"].items():
+            note = " (decoded arrays: no decoding)" if name in ("npy", "hdf5") else ""
+            print(f"{'batchd pack from ' + name:<28}{rate:>12,.0f}{'':>10}{note}")
+        for name, why in r["formats_skipped"].items():
+            print(f"{'batchd pack from ' + name:<28}{'skipped':>12}  {why}")
         print(
             f"CPU per image: batchd {r['batchd_cpu_us_per_image']:.0f} us, naive {r['naive_cpu_us_per_image']:.0f} us; "
             f"with idle cores batchd would do ~{r['batchd_images_per_s_if_cores_idle']:,.0f} images/s "

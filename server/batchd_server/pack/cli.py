@@ -30,9 +30,86 @@ def _parse_size(
     return int(m.group(1)), int(m.group(2))
 
 
+def _parse_fields(
+    ctx: click.Context, param: click.Parameter, value: tuple[str, ...]
+) -> tuple[tuple[str, str], ...]:
+    out = []
+    for item in value:
+        name, eq, key = item.partition("=")
+        if not eq or not name.strip() or not key.strip():
+            raise click.BadParameter(f"{item!r}: give NAME=KEY, e.g. image=x_train")
+        out.append((name.strip(), key.strip()))
+    return tuple(out)
+
+
+def _parse_shapes(
+    ctx: click.Context, param: click.Parameter, value: tuple[str, ...]
+) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    out = []
+    for item in value:
+        name, eq, dims = item.partition("=")
+        m = re.fullmatch(r"\s*\d+(\s*,\s*\d+)*\s*", dims)
+        if not eq or not name.strip() or not m or any(int(d) == 0 for d in dims.split(",")):
+            raise click.BadParameter(f"{item!r}: give NAME=D1,D2,..., e.g. image_raw=28,28,1")
+        out.append((name.strip(), tuple(int(d) for d in dims.split(","))))
+    return tuple(out)
+
+
+def _list_formats(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    if not value or ctx.resilient_parsing:
+        return
+    from .formats import list_formats
+
+    click.echo(list_formats())
+    ctx.exit(0)
+
+
+def _check_sources(
+    ctx: click.Context, param: click.Parameter, value: tuple[str, ...]
+) -> tuple[str, ...]:
+    import glob
+
+    for item in value:
+        # Globs and brace patterns are expanded by the packer; a plain path must exist.
+        if not glob.has_magic(item) and "{" not in item and not Path(item).exists():
+            raise click.BadParameter(f"Path {item!r} does not exist.", ctx, param)
+    return value
+
+
 @click.command("pack")
-@click.argument("source", type=click.Path(exists=True, path_type=Path))
+@click.argument("source", nargs=-1, required=True, callback=_check_sources)
 @click.argument("out", type=click.Path(path_type=Path))
+@click.option(
+    "--list-formats",
+    is_flag=True,
+    is_eager=True,
+    expose_value=False,
+    callback=_list_formats,
+    help="List the source formats, an example of each, and what each needs installed.",
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["folder", "csv", "npy", "tfrecord", "webdataset", "parquet", "hdf5"]),
+    help="The source's format, when its names do not tell (default: from the names).",
+)
+@click.option(
+    "--field",
+    "fields",
+    multiple=True,
+    metavar="NAME=KEY",
+    callback=_parse_fields,
+    help="Arrays, features, columns: take only KEY (an npz member, HDF5 dataset, feature, "
+    "column or tar extension) as field NAME; repeat for more. Default: all, by their keys.",
+)
+@click.option(
+    "--feature-shape",
+    "feature_shapes",
+    multiple=True,
+    metavar="NAME=D,D,...",
+    callback=_parse_shapes,
+    help="Reshape each sample of a field, e.g. raw TFRecord bytes: image_raw=28,28,1.",
+)
 @click.option(
     "--mode",
     type=click.Choice(["raw", "encoded"]),
@@ -99,8 +176,11 @@ def _parse_size(
 )
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def pack_cmd(
-    source: Path,
+    source: tuple[str, ...],
     out: Path,
+    fmt: str | None,
+    fields: tuple[tuple[str, str], ...],
+    feature_shapes: tuple[tuple[str, tuple[int, ...]], ...],
     mode: str,
     size: tuple[int, int] | None,
     resize_policy: str,
@@ -114,13 +194,17 @@ def pack_cmd(
     overwrite: bool,
     quiet: bool,
 ) -> None:
-    """Pack SOURCE (an image-folder tree or a .csv) into the dataset directory OUT.
+    """Pack SOURCE (an image-folder tree, a .csv, or another format's files) into the
+    dataset directory OUT.
 
     \b
     A folder tree: one subfolder per class -> fields image + label (int64 class
     index, or the folder's number with --label-from-folder int|float).
     A CSV: an image path column (image, path or filename), optional --mask-column,
     every other column a numeric target; paths are relative to the CSV's folder.
+    Also .npy/.npz, TFRecord, WebDataset .tar shards, Parquet and HDF5: several
+    files, globs ('train-*.tfrecord') and brace patterns ('shard-{000..009}.tar');
+    --list-formats says what each needs installed.
     """
     from .packer import PackOptions, pack
 
@@ -140,8 +224,10 @@ def pack_cmd(
         overwrite=overwrite,
         workers=workers,
         progress=False if quiet else None,
+        fields=fields,
+        feature_shapes=feature_shapes,
     )
-    summary = pack(source, out, mask_column=mask_column, options=options)
+    summary = pack(list(source), out, mask_column=mask_column, options=options, fmt=fmt)
     click.echo(str(summary))
 
 

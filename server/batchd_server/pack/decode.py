@@ -43,12 +43,15 @@ def _read(path: Path) -> bytes:
         return f.read()
 
 
-def _load(path: Path, channels: int, *, mask: bool) -> tuple[bytes, NDArray[np.uint8]]:
-    """Read and decode one file; ValueError with the reason if it is not a usable image."""
-    try:
-        buf = _read(path)
-    except OSError as exc:
-        raise ValueError(f"cannot read: {exc.strerror}") from None
+def _load(src: Path | bytes, channels: int, *, mask: bool) -> tuple[bytes, NDArray[np.uint8]]:
+    """Read (a path) and decode one image; ValueError with the reason if it is not usable."""
+    if isinstance(src, bytes):
+        buf = src
+    else:
+        try:
+            buf = _read(src)
+        except OSError as exc:
+            raise ValueError(f"cannot read: {exc.strerror}") from None
     if not buf:
         raise ValueError("empty file")
     # libjpeg decodes a truncated JPEG with a warning and grey fill; a missing EOI marker says so.
@@ -61,6 +64,10 @@ def _load(path: Path, channels: int, *, mask: bool) -> tuple[bytes, NDArray[np.u
             f"not {kind} that OpenCV can decode (corrupt, truncated or another format)"
         )
     return buf, img
+
+
+def _named(src: Path | bytes) -> str:
+    return "the mask" if isinstance(src, bytes) else f"mask {src}"
 
 
 def _fit(
@@ -130,10 +137,10 @@ def decode_block(rows: Sequence[Row], job: Job) -> Block:
                 try:
                     mbuf, mimg = _load(row.mask, 1, mask=True)
                 except ValueError as exc:
-                    raise ValueError(f"mask {row.mask}: {exc}") from None
+                    raise ValueError(f"{_named(row.mask)}: {exc}") from None
                 if mimg.shape != img.shape[:2]:
                     raise ValueError(
-                        f"mask {row.mask} is {mimg.shape[0]}x{mimg.shape[1]}, the image "
+                        f"{_named(row.mask)} is {mimg.shape[0]}x{mimg.shape[1]}, the image "
                         f"{img.shape[0]}x{img.shape[1]}; a mask must match its image's size"
                     )
             if job.mode == "encoded":

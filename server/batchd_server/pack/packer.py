@@ -24,6 +24,7 @@ from numpy.typing import NDArray
 
 from ..errors import ConfigError, PackError
 from ..format import HEADER_NAME, DatasetWriter, FieldSpec, Role, le_dtype, open_dataset
+from ..format.header import _FIELD_NAME, RESERVED
 from ..progress import progress_bar
 from .decode import Block, Job, Mode, Policy, decode_block, probe_size
 from .sources import (
@@ -62,6 +63,11 @@ class PackOptions:
     ``keep_empty_classes`` apply to folder trees (see :func:`pack_folder`).
     ``progress`` None means: a bar when stderr is a TTY. ``workers`` None means one
     decode thread per core.
+
+    The other formats (:mod:`batchd_server.pack.formats`) also read ``fields``
+    (``--field NAME=KEY``: take only these arrays, features or columns, KEY stored as
+    field NAME; none means all of them, named after their keys) and ``feature_shapes``
+    (``--feature-shape NAME=28,28,1``: reshape each sample of that field, e.g. raw bytes).
     """
 
     mode: Mode = "raw"
@@ -76,6 +82,8 @@ class PackOptions:
     workers: int | None = None
     progress: bool | None = None
     block: int = 128
+    fields: tuple[tuple[str, str], ...] = ()
+    feature_shapes: tuple[tuple[str, tuple[int, ...]], ...] = ()
 
     def __post_init__(self) -> None:
         if self.mode not in ("raw", "encoded"):
@@ -106,6 +114,23 @@ class PackOptions:
             raise ConfigError(f"workers {self.workers}: at least 1")
         if self.block < 1:
             raise ConfigError(f"block {self.block}: at least 1")
+        names = [name for name, _ in self.fields]
+        keys = [key for _, key in self.fields]
+        for name in names:
+            if not _FIELD_NAME.match(name) or name in RESERVED:
+                raise ConfigError(
+                    f"--field {name}=...: a field name is a letter or _, then letters, digits "
+                    f"or _ (at most 64), and not {sorted(RESERVED)}"
+                )
+        for label, given in (("name", names), ("key", keys)):
+            twice = sorted({x for x in given if given.count(x) > 1})
+            if twice:
+                raise ConfigError(f"--field: the {label} {twice[0]!r} is given twice")
+        for name, shape in self.feature_shapes:
+            if not shape or not all(isinstance(d, int) and d > 0 for d in shape):
+                raise ConfigError(
+                    f"--feature-shape {name}={shape!r}: give positive sizes such as 28,28,1"
+                )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -295,12 +320,12 @@ def _pack_inputs(out: Path, inputs: Inputs, source: Path, opts: PackOptions) -> 
     return _summary(writer.out, started, inputs.notes)
 
 
-def _image_fields(job: Job) -> list[FieldSpec]:
+def _image_fields(job: Job, name: str = "image") -> list[FieldSpec]:
     u1 = np.dtype("u1")
     if job.mode == "encoded":
         out = [
             FieldSpec(
-                name="image",
+                name=name,
                 dtype=u1,
                 shape=None,
                 role="image",
@@ -319,7 +344,7 @@ def _image_fields(job: Job) -> list[FieldSpec]:
     h, w = job.size
     c = job.channels
     out = [
-        FieldSpec(name="image", dtype=u1, shape=(h, w, c), role="image", encoding="raw", channels=c)
+        FieldSpec(name=name, dtype=u1, shape=(h, w, c), role="image", encoding="raw", channels=c)
     ]
     if job.masks:
         out.append(
@@ -403,29 +428,50 @@ def pack_csv(
 
 
 def pack(
-    source: str | Path,
+    source: str | Path | Sequence[str | Path],
     out: str | Path,
     *,
     mask_column: str | None = None,
     options: PackOptions | None = None,
+    fmt: str | None = None,
 ) -> PackSummary:
-    """Pack a folder tree or a ``.csv`` (what ``batchd pack SOURCE OUT`` does)."""
-    src = Path(source)
-    if src.is_dir():
+    """Pack what ``batchd pack SOURCE... OUT`` is given: a folder tree, a ``.csv``, or the
+    files of another format (``.npy``/``.npz``, TFRecord, WebDataset tar, Parquet, HDF5).
+
+    ``source`` is a path, a glob or brace pattern (``shard-{000..009}.tar``), or a list
+    of them; ``fmt`` names the format when the file names do not tell
+    (:func:`batchd_server.pack.formats.detect`; ``batchd pack --list-formats``).
+    """
+    from .formats import detect, expand, pack_format
+
+    opts = options or PackOptions()
+    paths = expand(source)
+    name = fmt or detect(paths)
+    if name not in ("folder", "csv"):
         if mask_column is not None:
-            raise ConfigError("--mask-column applies to a CSV source, not an image folder")
-        return pack_folder(src, out, options=options)
-    if src.is_file() and src.suffix.lower() == ".csv":
-        opts = options or PackOptions()
+            raise ConfigError(f"--mask-column applies to a CSV source, not {name}")
         if opts.label_from_folder != "class" or opts.keep_empty_classes:
             raise ConfigError(
-                "--label-from-folder and --keep-empty-classes apply to an image folder, not a "
-                "CSV: a CSV's targets are its columns"
+                f"--label-from-folder and --keep-empty-classes apply to an image folder, not {name}"
             )
-        return pack_csv(src, out, mask_column=mask_column, options=opts)
-    if not src.exists():
-        raise PackError(f"{src}: no such file or directory")
-    raise PackError(f"{src}: give an image-folder tree (a directory) or a .csv file")
+        return pack_format(name, paths, Path(out), opts)
+    if len(paths) != 1:
+        raise PackError(f"give one {name} source, not {len(paths)}: {[str(p) for p in paths]}")
+    if opts.fields or opts.feature_shapes:
+        raise ConfigError(
+            f"--field and --feature-shape apply to array and record formats, not a {name}"
+        )
+    src = paths[0]
+    if name == "folder":
+        if mask_column is not None:
+            raise ConfigError("--mask-column applies to a CSV source, not an image folder")
+        return pack_folder(src, out, options=opts)
+    if opts.label_from_folder != "class" or opts.keep_empty_classes:
+        raise ConfigError(
+            "--label-from-folder and --keep-empty-classes apply to an image folder, not a "
+            "CSV: a CSV's targets are its columns"
+        )
+    return pack_csv(src, out, mask_column=mask_column, options=opts)
 
 
 def _check_out(out: Path, source: Path, overwrite: bool) -> None:
@@ -461,6 +507,29 @@ def pack_arrays(
 
     A uint8 ``image`` (N, H, W, 3) gets role image and a uint8 ``mask`` (N, H, W)
     role mask unless ``roles`` says otherwise; everything else is a value.
+    """
+    return pack_columns(
+        out, arrays, roles=roles, classes=classes, overwrite=overwrite, progress=progress
+    )
+
+
+def pack_columns(
+    out: str | Path,
+    arrays: Mapping[str, Any],
+    *,
+    roles: Mapping[str, Role] | None = None,
+    classes: Sequence[str] | None = None,
+    overwrite: bool = False,
+    progress: bool | None = None,
+    kind: str = "arrays",
+    source: object = None,
+    notes: Sequence[str] = (),
+    extra: Mapping[str, Any] | None = None,
+) -> PackSummary:
+    """:func:`pack_arrays` for anything array-like: ``shape``, ``dtype`` and slicing by rows.
+
+    The array readers (``.npy``/``.npz``, HDF5) hand their memory maps, zip-member
+    streams or ``h5py`` datasets here; rows are read in 8 MiB slices, in order.
     """
     started = time.perf_counter()
     if not arrays:
@@ -500,10 +569,14 @@ def pack_arrays(
                     check_labels(block["label"], len(classes), start)
                 writer.append_block(block, min(step, n - start))
                 bar.update(min(step, n - start))
-            writer.commit(_packing("arrays", None, started))
+            writer.commit(
+                _packing(kind, source, started, **(extra or {}), notes=list(notes))
+                if kind != "arrays"
+                else _packing(kind, source, started)
+            )
     finally:
         bar.close()
-    return _summary(writer.out, started)
+    return _summary(writer.out, started, notes)
 
 
 def pack_samples(

@@ -30,12 +30,16 @@ PATH_COLUMNS = ("image", "path", "filename")
 
 @dataclass(frozen=True)
 class Row:
-    image: Path
-    mask: Path | None
-    where: str = ""  # "line 14" for a CSV; a folder tree's rows are named by their path
+    """One image input: a file's path, or (a streamed source's record) its encoded bytes."""
+
+    image: Path | bytes
+    mask: Path | bytes | None
+    where: str = ""  # "line 14" for a CSV; "a.tfrecord record 7" for bytes; a tree's: its path
 
     def name(self) -> str:
-        """How an error names this input: its path, and its CSV line if it has one."""
+        """How an error names this input: its path (and CSV line), or its record."""
+        if isinstance(self.image, bytes):
+            return self.where
         return f"{self.image} ({self.where})" if self.where else str(self.image)
 
 
