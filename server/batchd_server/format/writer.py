@@ -217,6 +217,9 @@ class DatasetWriter:
             if spec.encoding == "raw":
                 assert spec.shape is not None
                 arr = np.asarray(v)
+                rows = arr.shape[0] if arr.ndim else 0
+                if rows != n:  # else the message below would name two equal shapes
+                    raise PackError(f"field {spec.name!r}: {rows} samples for {n}")
                 if arr.shape != (n, *spec.shape) or arr.dtype != spec.dtype:
                     raise PackError(
                         f"field {spec.name!r}: got {arr.dtype} {arr.shape[1:]}, the dataset holds {spec.dtype} {spec.shape}"
