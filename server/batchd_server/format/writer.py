@@ -198,12 +198,9 @@ class DatasetWriter:
 
     def append(self, sample: Mapping[str, Any]) -> None:
         """One sample: a raw field's array (exactly its shape and dtype), an encoded field's :class:`Encoded`."""
-        block: dict[str, Any] = {}
-        for spec in self.fields:
-            if spec.encoding == "raw":
-                block[spec.name] = np.asarray(sample[spec.name])[None]
-            else:
-                block[spec.name] = [sample[spec.name]]
+        raw = {f.name for f in self.fields if f.encoding == "raw"}
+        # Built from the sample's own keys, so append_block refuses a missing or extra field.
+        block = {k: np.asarray(v)[None] if k in raw else [v] for k, v in sample.items()}
         self.append_block(block, 1)
 
     def append_block(self, block: Mapping[str, Any], n: int) -> None:
