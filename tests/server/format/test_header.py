@@ -7,6 +7,7 @@ Headers here are sealed by hand (prefix, JSON, checksum) so each check of
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -31,17 +32,14 @@ from batchd_server.format.header import (
     read_header,
 )
 
+X = FieldSpec(
+    name="x", dtype=np.dtype("<f4"), shape=(2,), role="value", encoding="raw", channels=None
+)
+
 
 def field(**kw: Any) -> FieldSpec:
-    base: dict[str, Any] = {
-        "name": "x",
-        "dtype": np.dtype("<f4"),
-        "shape": (2,),
-        "role": "value",
-        "encoding": "raw",
-        "channels": None,
-    }
-    return FieldSpec(**(base | kw))
+    """``X`` with some attributes changed, validated again as a new FieldSpec."""
+    return dataclasses.replace(X, **kw)
 
 
 U1 = np.dtype("u1")
