@@ -170,6 +170,20 @@ def test_a_head_just_under_the_cap_passes(port: int) -> None:
         assert answer(s)[0] == 200
 
 
+def test_bytes_after_a_small_head_do_not_count_as_head(port: int) -> None:
+    body = b"x" * (CAP * 2)
+    post = b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n" % len(body)
+    with connect(port) as s:
+        s.sendall(post + body)  # one send: the body may arrive in the head's read
+        assert answer(s)[0] == 200
+    n = CAP // len(GET) + 2  # pipelined requests, together over the cap
+    last = b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+    with connect(port) as s:
+        s.sendall(GET * n + last)
+        got = b"".join(iter(lambda: s.recv(1 << 16), b""))
+    assert got.count(b"HTTP/1.1 200 OK\r\n") == n + 1 and b" 431 " not in got
+
+
 def test_guarded_makes_a_class_per_server() -> None:
     a, b = guarded(3), guarded(7.5)
     assert issubclass(a, GuardedHttpToolsProtocol) and a is not b
