@@ -198,12 +198,9 @@ class DatasetWriter:
 
     def append(self, sample: Mapping[str, Any]) -> None:
         """One sample: a raw field's array (exactly its shape and dtype), an encoded field's :class:`Encoded`."""
-        block: dict[str, Any] = {}
-        for spec in self.fields:
-            if spec.encoding == "raw":
-                block[spec.name] = np.asarray(sample[spec.name])[None]
-            else:
-                block[spec.name] = [sample[spec.name]]
+        raw = {f.name for f in self.fields if f.encoding == "raw"}
+        # Built from the sample's own keys, so append_block refuses a missing or extra field.
+        block = {k: np.asarray(v)[None] if k in raw else [v] for k, v in sample.items()}
         self.append_block(block, 1)
 
     def append_block(self, block: Mapping[str, Any], n: int) -> None:
@@ -217,6 +214,9 @@ class DatasetWriter:
             if spec.encoding == "raw":
                 assert spec.shape is not None
                 arr = np.asarray(v)
+                rows = arr.shape[0] if arr.ndim else 0
+                if rows != n:  # else the message below would name two equal shapes
+                    raise PackError(f"field {spec.name!r}: {rows} samples for {n}")
                 if arr.shape != (n, *spec.shape) or arr.dtype != spec.dtype:
                     raise PackError(
                         f"field {spec.name!r}: got {arr.dtype} {arr.shape[1:]}, the dataset holds {spec.dtype} {spec.shape}"

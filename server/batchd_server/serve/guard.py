@@ -48,6 +48,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self._head_timer.cancel()
             self._head_timer = None
 
+    def _reading_head(self) -> bool:
+        return self._head_timer is not None
+
     def _serving(self) -> bool:
         return self.cycle is not None and not self.cycle.response_complete
 
@@ -70,12 +73,21 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        if self._head_timer is not None:
+        if self._reading_head():
+            room = self.max_header_bytes - self._head_bytes
             self._head_bytes += len(data)
-            if self._head_bytes > self.max_header_bytes:
-                self._disarm_head_timer()
-                self._refuse_head()
-                return
+            if len(data) > room:
+                # Parse up to the cap only: a head that ends within it is served, and the
+                # bytes after it (a body, the next pipelined request) are not head bytes.
+                if room > 0:
+                    super().data_received(data[:room])
+                if self.transport.is_closing():
+                    return
+                if self._reading_head():  # the head is still not complete
+                    self._disarm_head_timer()
+                    self._refuse_head()
+                    return
+                data = data[room:]
         super().data_received(data)
 
     def _refuse_head(self) -> None:
