@@ -235,7 +235,10 @@ def _healthy(url: str, timeout: float) -> bool:
 def serve(
     data_dir: Path, *, uds: bool = False, args: Sequence[str] = (), startup_s: float = 60.0
 ) -> Iterator[Server]:
-    """Run ``batchd serve --data DIR ARGS`` on a free loopback port (or a unix socket) for a block."""
+    """Run ``batchd serve --data DIR ARGS`` for a block.
+
+    On a free loopback port, or on a unix socket with ``uds``.
+    """
     with contextlib.ExitStack() as stack:
         if uds:
             sock_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="batchd-")))

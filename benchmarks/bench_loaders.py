@@ -224,7 +224,10 @@ _BATCHD: dict[str, tuple[list[str], str]] = {
 def run(
     contender: str, workload: Workload, images: ImageSet, cfg: BenchConfig
 ) -> Iterator[Measurement]:
-    """Measure one contender on one workload (a generator: nothing for a pair that does not apply)."""
+    """Measure one contender on one workload.
+
+    A generator: it yields nothing for a pair that does not apply.
+    """
     _, label = CONTENDERS[contender]
     common: dict[str, Any] = {
         "contender": contender,

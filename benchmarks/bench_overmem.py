@@ -262,9 +262,11 @@ def batchd(
     with server(pack.parent, cg, args) as url:
         results: list[Any] = []
         threads = [
-            threading.Thread(target=_trainer, args=(url, s, seconds, pack if i == 0 else None, results))
+            threading.Thread(
+                target=_trainer, args=(url, s, seconds, pack if i == 0 else None, results)
+            )
             for i, s in enumerate(seeds)
-        ]  # fmt: skip
+        ]
         for t in threads:
             t.start()
         for t in threads:

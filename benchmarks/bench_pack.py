@@ -267,11 +267,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{'contender':<28}{'images/s':>12}{'best s':>10}")
         print(f"{'batchd pack (raw)':<28}{r['batchd_images_per_s']:>12,.0f}{min(packs):>10.2f}")
         print(
-            f"{'naive imread/resize/memmap':<28}{r['naive_images_per_s']:>12,.0f}{min(naives):>10.2f}"
+            f"{'naive imread/resize/memmap':<28}"
+            f"{r['naive_images_per_s']:>12,.0f}{min(naives):>10.2f}"
         )
         print(
             f"speedup {r['speedup_vs_naive']:.1f}x the naive loop here, "
-            f"{r['speedup_vs_reference_56_per_s']:.0f}x the report's 56 images/s; {r['env']['cpus']} CPUs"
+            f"{r['speedup_vs_reference_56_per_s']:.0f}x the report's 56 images/s; "
+            f"{r['env']['cpus']} CPUs"
         )
         for name, rate in r["formats"].items():
             note = " (decoded arrays: no decoding)" if name in ("npy", "hdf5") else ""
@@ -279,8 +281,10 @@ def main(argv: list[str] | None = None) -> int:
         for name, why in r["formats_skipped"].items():
             print(f"{'batchd pack from ' + name:<28}{'skipped':>12}  {why}")
         print(
-            f"CPU per image: batchd {r['batchd_cpu_us_per_image']:.0f} us, naive {r['naive_cpu_us_per_image']:.0f} us; "
-            f"with idle cores batchd would do ~{r['batchd_images_per_s_if_cores_idle']:,.0f} images/s "
+            f"CPU per image: batchd {r['batchd_cpu_us_per_image']:.0f} us, "
+            f"naive {r['naive_cpu_us_per_image']:.0f} us; "
+            "with idle cores batchd would do "
+            f"~{r['batchd_images_per_s_if_cores_idle']:,.0f} images/s "
             f"(load average during the run: {r['loadavg_1min']:.2f})"
         )
     return 0

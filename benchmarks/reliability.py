@@ -158,36 +158,45 @@ def render(fig: dict[str, Any]) -> str:
         "assert correctness, the numbers below are measurements of one run, not thresholds.",
         "",
         f"Run: {meta.get('date', '-')}, {meta.get('machine', '-')}, "
-        f"`{meta.get('command', '-')}` ({meta.get('seconds', '-')} s, exit {meta.get('exit', '-')}).",
+        f"`{meta.get('command', '-')}` ({meta.get('seconds', '-')} s, "
+        f"exit {meta.get('exit', '-')}).",
         "",
         "## Faults",
         "",
         "| fault | result |",
         "| --- | --- |",
         f"| SIGKILL mid-epoch, restarted at once | **{k.get('kills', '-')} kills survived** "
-        f"({k.get('kills_mid_body', '-')} timed mid-body, {k.get('bodies_cut_short', '-')} bodies cut short); "
+        f"({k.get('kills_mid_body', '-')} timed mid-body, "
+        f"{k.get('bodies_cut_short', '-')} bodies cut short); "
         f"{k.get('epochs', '-')} (epoch, rank) runs, {k.get('batches_checked', '-')} batches, "
         f"**{k.get('samples_checked', '-')} samples checked: {k.get('lost', '-')} lost, "
-        f"{k.get('duplicated', '-')} duplicated, {k.get('bytes_mismatched', '-')} batches differing** "
+        f"{k.get('duplicated', '-')} duplicated, "
+        f"{k.get('bytes_mismatched', '-')} batches differing** "
         "from an uninterrupted reference run |",
         f"| recovery (kill → next batch delivered), p50 / max | {_s(k.get('recovery_s'))} "
         f"(restart alone: {_s(k.get('restart_s'))}) |",
         f"| retries per client over the kill run | {_answers(k.get('retries_per_client', {}))} |",
-        f"| SIGTERM with {st.get('in_flight', '-')} requests in flight | {st.get('completed', '-')} completed "
+        f"| SIGTERM with {st.get('in_flight', '-')} requests in flight | "
+        f"{st.get('completed', '-')} completed "
         f"byte-identical; exited after {st.get('exit_s', '-')} s (grace 10 s) |",
         f"| 2 replicas, one SIGKILLed mid-epoch | {fo.get('samples_checked', '-')} samples: "
         f"{fo.get('lost', '-')} lost, {fo.get('duplicated', '-')} duplicated; "
         f"{fo.get('retries', '-')} retries, next batch after {fo.get('failover_gap_s', '-')} s |",
-        f"| {ck.get('clients_killed', '-')} clients SIGKILLed mid-download ({ck.get('body_mb', '-')} MB bodies) "
+        f"| {ck.get('clients_killed', '-')} clients SIGKILLed mid-download "
+        f"({ck.get('body_mb', '-')} MB bodies) "
         f"| server fds {ck.get('fds_before', '-')} → {ck.get('fds_after', '-')}, "
         f"RSS +{ck.get('rss_growth_mb', '-')} MB; next request byte-identical |",
         f"| pack replaced (atomic repack) {rp.get('replacements', '-')} times under load | "
         f"{_answers(rp.get('outcomes', {}))} (`200 0`/`200 1`: old/new pack); "
-        f"{rp.get('mixed_bodies', '-')} mixed bodies; other dataset {rp.get('other_dataset_ok', '-')} x 200 |",
-        f"| data file truncated in place {tr.get('truncations', '-')} times under load, plain gather | "
-        f"{_answers(tr.get('outcomes', {}))}; **{tr.get('server_deaths', '-')} server deaths (no SIGBUS)**; "
+        f"{rp.get('mixed_bodies', '-')} mixed bodies; "
+        f"other dataset {rp.get('other_dataset_ok', '-')} x 200 |",
+        f"| data file truncated in place {tr.get('truncations', '-')} times under load, "
+        "plain gather | "
+        f"{_answers(tr.get('outcomes', {}))}; "
+        f"**{tr.get('server_deaths', '-')} server deaths (no SIGBUS)**; "
         f"other dataset {tr.get('other_dataset_ok', '-')} x 200 |",
-        f"| the same, {tm.get('truncations', '-')} times, crop 40 + flip pipeline | {_answers(tm.get('outcomes', {}))}; every 200 equal to the pipeline run on the "
+        f"| the same, {tm.get('truncations', '-')} times, crop 40 + flip pipeline | "
+        f"{_answers(tm.get('outcomes', {}))}; every 200 equal to the pipeline run on the "
         f"intact images; **{tm.get('server_deaths', '-')} server deaths** |",
         "",
         "## Bad input",
@@ -195,40 +204,60 @@ def render(fig: dict[str, Any]) -> str:
         "| class | tried | result |",
         "| --- | --- | --- |",
         f"| corrupt packs ({cp.get('classes', '-')} classes: {', '.join(cp.get('names', []))}) "
-        f"| {cp.get('classes', '-')} | {cp.get('typed_errors', '-')} typed `FormatError`s naming the file, "
-        f"{cp.get('crashes', '-')} crashes; the server skipped {cp.get('skipped_by_server', '-')} with a logged "
-        f"reason and served the rest ({', '.join(cp.get('only_verify_detects', [])) or '-'}: found by "
+        f"| {cp.get('classes', '-')} | "
+        f"{cp.get('typed_errors', '-')} typed `FormatError`s naming the file, "
+        f"{cp.get('crashes', '-')} crashes; "
+        f"the server skipped {cp.get('skipped_by_server', '-')} with a logged "
+        "reason and served the rest "
+        f"({', '.join(cp.get('only_verify_detects', [])) or '-'}: found by "
         "`batchd verify`, not at open) |",
-        f"| path traversal (`..`, `%2e%2e%2f`, absolute, NUL, 4 KB names, symlinks out of the root) "
-        f"| {pt.get('tried', '-')} | {_answers(pt.get('answers', {}))}; {pt.get('server_errors', '-')} 5xx |",
-        f"| bearer tokens (missing, empty, wrong, non-ASCII, 8 KB) x 6 routes | {tok.get('tried', '-')} "
-        f"| {tok.get('unauthorized_401', '-')} x 401, {tok.get('server_errors', '-')} 5xx; `hmac.compare_digest` |",
-        f"| huge, negative, malformed parameters | {par.get('tried', '-')} | {_answers(par.get('answers', {}))} |",
-        f"| NaN / ±inf / 1e999 in every op parameter | {nf.get('tried', '-')} | {_answers(nf.get('answers', {}))} |",
+        "| path traversal (`..`, `%2e%2e%2f`, absolute, NUL, 4 KB names, "
+        "symlinks out of the root) "
+        f"| {pt.get('tried', '-')} | {_answers(pt.get('answers', {}))}; "
+        f"{pt.get('server_errors', '-')} 5xx |",
+        f"| bearer tokens (missing, empty, wrong, non-ASCII, 8 KB) x 6 routes | "
+        f"{tok.get('tried', '-')} "
+        f"| {tok.get('unauthorized_401', '-')} x 401, "
+        f"{tok.get('server_errors', '-')} 5xx; `hmac.compare_digest` |",
+        f"| huge, negative, malformed parameters | {par.get('tried', '-')} | "
+        f"{_answers(par.get('answers', {}))} |",
+        f"| NaN / ±inf / 1e999 in every op parameter | {nf.get('tried', '-')} | "
+        f"{_answers(nf.get('answers', {}))} |",
         f"| oversized headers, URLs, bodies, garbage | {ov.get('tried', '-')} | "
         f"{_answers(ov.get('answers', {}))} (0 = connection closed) |",
-        f"| slowloris: {sl.get('slow_connections', '-')} connections dribbling a head | - | dropped after "
-        f"{_s(sl.get('dropped_after_s'))} (p50/max; `--header-timeout` {sl.get('header_timeout_s', '-')} s); "
-        f"meanwhile {sl.get('others_served', '-')} other requests served, latency {_s(sl.get('others_latency_s'))} |",
+        f"| slowloris: {sl.get('slow_connections', '-')} connections dribbling a head | - | "
+        f"dropped after {_s(sl.get('dropped_after_s'))} "
+        f"(p50/max; `--header-timeout` {sl.get('header_timeout_s', '-')} s); "
+        f"meanwhile {sl.get('others_served', '-')} other requests served, "
+        f"latency {_s(sl.get('others_latency_s'))} |",
         f"| schemathesis over /openapi.json ({sc.get('examples_per_operation', '-')} examples per "
-        f"operation and mode) | {sc.get('requests', '-')} | {sc.get('server_errors', '-')} server errors, "
+        f"operation and mode) | {sc.get('requests', '-')} | "
+        f"{sc.get('server_errors', '-')} server errors, "
         f"{sc.get('schema_violations', '-')} schema violations |",
-        f"| bind | - | default {g('binding').get('default_host', '-')}; a public host without a token: "
+        f"| bind | - | default {g('binding').get('default_host', '-')}; "
+        "a public host without a token: "
         f"{g('binding').get('public_without_token', '-')} |",
         "",
         "## Load",
         "",
         "| | |",
         "| --- | --- |",
-        f"| soak | {so.get('clients', '-')} clients, {so.get('datasets', '-')} datasets, {so.get('seconds', '-')} s: "
-        f"{so.get('batches', '-')} batches ({so.get('batches_per_s', '-')}/s), {so.get('epochs', '-')} epochs, "
+        f"| soak | {so.get('clients', '-')} clients, {so.get('datasets', '-')} datasets, "
+        f"{so.get('seconds', '-')} s: "
+        f"{so.get('batches', '-')} batches ({so.get('batches_per_s', '-')}/s), "
+        f"{so.get('epochs', '-')} epochs, "
         f"**{so.get('errors', '-')} errors** |",
-        f"| after warm-up | RSS {so.get('rss_mb_after_warmup', '-')} MB, growth {so.get('rss_growth_mb', '-')} MB "
+        f"| after warm-up | RSS {so.get('rss_mb_after_warmup', '-')} MB, "
+        f"growth {so.get('rss_growth_mb', '-')} MB "
         f"(max {so.get('rss_max_growth_mb', '-')}); fds {so.get('fds_after_warmup', '-')} → max "
-        f"{so.get('fds_max', '-')}; threads {so.get('threads_after_warmup', '-')} → max {so.get('threads_max', '-')} |",
-        f"| overload (`--max-inflight {ol.get('max_inflight', '-')}`, {ol.get('clients', '-')} clients) | "
-        f"{ol.get('answered_503', '-')} of {ol.get('requests', '-')} answers were 503 + Retry-After; "
-        f"clients waited {_s(ol.get('retry_wait_s'))} before retrying; {ol.get('network_errors', '-')} timeouts; "
+        f"{so.get('fds_max', '-')}; threads {so.get('threads_after_warmup', '-')} "
+        f"→ max {so.get('threads_max', '-')} |",
+        f"| overload (`--max-inflight {ol.get('max_inflight', '-')}`, "
+        f"{ol.get('clients', '-')} clients) | "
+        f"{ol.get('answered_503', '-')} of {ol.get('requests', '-')} answers "
+        "were 503 + Retry-After; "
+        f"clients waited {_s(ol.get('retry_wait_s'))} before retrying; "
+        f"{ol.get('network_errors', '-')} timeouts; "
         f"retries per client {ol.get('retries_per_client', '-')} |",
         "",
     ]
@@ -320,7 +349,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     fig["meta"] = {
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}",
+        "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs, "
+        f"Python {platform.python_version()}",
         "command": (knobs + " " if knobs else "") + "pytest -m reliability",
         "seconds": seconds,
         "exit": rc,

@@ -1,10 +1,10 @@
 """The client: epochs of batches from a batchd server, fetched ahead, checked, resumable.
 
 A batch is a pure function of the request (dataset fingerprint, split, split seed,
-seed, epoch, shuffle, batch size, drop_last, rank, world size, pipeline, index), so the client keeps no
-server-side session: it asks for batch ``k`` of epoch ``e`` and gets the same bytes
-from any replica, before or after a restart. What it does keep is the trainer's
-position (epoch, next batch) for :meth:`Client.state_dict`.
+seed, epoch, shuffle, batch size, drop_last, rank, world size, pipeline, index), so
+the client keeps no server-side session: it asks for batch ``k`` of epoch ``e`` and
+gets the same bytes from any replica, before or after a restart. What it does keep
+is the trainer's position (epoch, next batch) for :meth:`Client.state_dict`.
 
 Arrays in a yielded batch view the response buffer (no copy). They are writable, and
 every batch has a buffer of its own: nothing the client does later overwrites a batch

@@ -22,7 +22,7 @@ def _refs(bufs: list[NDArray[np.uint8]], i: int) -> int:
 
 
 class Buffers:
-    """Byte buffers of at least ``MIN_BYTES``, reused once no array, view or memoryview refers to them.
+    """Byte buffers of at least ``MIN_BYTES``, reused once nothing refers to them.
 
     Every view of a buffer's memory (``np.frombuffer``, slices, memoryviews,
     ``torch.from_numpy``) holds a reference to the buffer that owns it, so a reference

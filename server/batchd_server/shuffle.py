@@ -27,8 +27,9 @@ Epoch order (:func:`permutation`)
 ``h[i] = mix64(k + (i + 1) * GAMMA)``. The order is ``argsort(h)``, ascending. Because
 ``i -> k + (i + 1) * GAMMA`` is injective below 2**64 and ``mix64`` is a bijection, the
 ``h[i]`` are pairwise distinct: there are no ties, so every correct sort, stable or
-not, gives the same order (numpy's introsort here: 2.5x faster than its stable sort). The result is stored as ``uint32`` (4 bytes per
-sample; ``uint64`` only when n >= 2**32).
+not, gives the same order (numpy's introsort here: 2.5x faster than its stable sort).
+The result is stored as ``uint32`` (4 bytes per sample; ``uint64`` only when
+n >= 2**32).
 
 Split order (:func:`split_order`)
 ---------------------------------
@@ -284,7 +285,8 @@ class EpochPlan:
         if not 0 <= k < self.num_batches:
             raise IndexError(
                 f"batch index {k} out of range: this epoch has {self.num_batches} batches "
-                f"(0..{self.num_batches - 1}) for count={self.count}, batch_size={self.batch_size}, "
+                f"(0..{self.num_batches - 1}) for count={self.count}, "
+                f"batch_size={self.batch_size}, "
                 f"world_size={self.world_size}, drop_last={self.drop_last}"
             )
         start = int(k) * self.batch_size

@@ -1,4 +1,6 @@
-"""The batch body: generic msgpack readers decode it; the client's decoder is zero-copy and strict."""
+"""The batch body: generic msgpack readers decode it; the client's decoder is zero-copy
+and strict.
+"""
 
 from __future__ import annotations
 

@@ -58,7 +58,10 @@ def tiny_images(n: int, hw: int, seed: int) -> NDArray[np.uint8]:
 
 
 class RetryCounter:
-    """Counts, per Transport, calls to ``get`` and attempts (``_once``): retries = the difference."""
+    """Counts, per Transport, calls to ``get`` and attempts (``_once``).
+
+    Retries are the difference.
+    """
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self._lock = threading.Lock()

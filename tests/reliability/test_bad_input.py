@@ -50,7 +50,10 @@ PREFIX = struct.Struct("<8sIIQ")
 def raw_request(
     port: int, head: bytes, body: bytes = b"", timeout: float = 10.0
 ) -> tuple[int, bytes]:
-    """Send ``head`` (+ ``body``) byte for byte; (status, body), or (0, b"") if the server hung up."""
+    """Send ``head`` (+ ``body``) byte for byte.
+
+    Returns (status, body), or (0, b"") if the server hung up.
+    """
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):
             s.sendall(head + body)  # may be refused mid-send (too large): read the answer
@@ -669,5 +672,8 @@ def test_default_bind_is_loopback_and_public_needs_a_token(hostile: Path, figure
 
 
 def test_math_isfinite_guard_is_what_json_gives() -> None:
-    """Python's json accepts NaN/Infinity/1e999 (inf): the tests above really send non-finite numbers."""
+    """Python's json accepts NaN/Infinity/1e999 (inf).
+
+    So the tests above really send non-finite numbers.
+    """
     assert all(not math.isfinite(json.loads(t)) for t in ("NaN", "Infinity", "-Infinity", "1e999"))

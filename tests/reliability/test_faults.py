@@ -1,4 +1,6 @@
-"""Faults on real ``batchd serve`` processes: SIGKILL, SIGTERM, failover, dead clients, packs changed under the server.
+"""Faults on real ``batchd serve`` processes.
+
+SIGKILL, SIGTERM, failover, dead clients, packs changed under the server.
 
 Correctness is asserted (0 lost, 0 duplicated, byte-identical to an uninterrupted
 reference run, typed errors only, the server alive); times and counts are recorded
@@ -237,7 +239,10 @@ def _wide_request(epoch: int) -> str:
 
 
 def test_sigterm_finishes_in_flight_requests(tmp_path: Path, figures: Figures) -> None:
-    """Requests sent before SIGTERM complete with the right bytes; the process exits in its grace."""
+    """Requests sent before SIGTERM complete with the right bytes.
+
+    The process exits within its grace period.
+    """
     data = tmp_path / "data"
     data.mkdir()
     tiny_pack(data / "wide", n=WIDE_N, hw=WIDE_HW, seed=1)

@@ -134,7 +134,8 @@ class Pipeline:
                 raise PipelineError(f"pipeline is not valid JSON: {exc}") from None
         if not isinstance(spec, list | tuple):
             raise PipelineError(
-                f'a pipeline is a JSON list of ops like [{{"op": "hflip"}}], got {type(spec).__name__}'
+                'a pipeline is a JSON list of ops like [{"op": "hflip"}], '
+                f"got {type(spec).__name__}"
             )
         if len(spec) > MAX_OPS:
             raise PipelineError(f"a pipeline has at most {MAX_OPS} ops, got {len(spec)}")
@@ -291,7 +292,8 @@ class Pipeline:
             if mask:
                 if op.name == "rotate" and dtype in NO_WARP_DTYPES:
                     raise op.error(
-                        f"mask field {name!r} is {dtype}, which OpenCV cannot rotate; store masks as uint8"
+                        f"mask field {name!r} is {dtype}, which OpenCV cannot rotate; "
+                        "store masks as uint8"
                     )
                 continue
             if op.resamples and dtype not in LINEAR_DTYPES:

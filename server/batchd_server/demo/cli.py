@@ -174,7 +174,10 @@ class _EpochStats:
     def line(self, label: str) -> str:
         rate = self.samples / max(self.seconds, 1e-9)
         mb = self.bytes / max(self.seconds, 1e-9) / 1e6
-        text = f"{label}: {self.samples} images in {self.seconds:.2f} s, {rate:,.0f} images/s, {mb:,.1f} MB/s"
+        text = (
+            f"{label}: {self.samples} images in {self.seconds:.2f} s, "
+            f"{rate:,.0f} images/s, {mb:,.1f} MB/s"
+        )
         if self.correct or self.loss:
             acc = 100.0 * self.correct / max(self.samples, 1)
             text += f", loss {self.loss / max(self.samples, 1):.3f}, accuracy {acc:.1f}%"
@@ -330,7 +333,8 @@ def _describe(first: Batch, info: DatasetInfo) -> None:
 @click.option(
     "--workdir",
     type=click.Path(file_okay=False, path_type=Path),
-    help="Keep the scenes' pack here and reuse it next time (default: a temporary folder, removed).",
+    help="Keep the scenes' pack here and reuse it next time "
+    "(default: a temporary folder, removed).",
 )
 @click.option("--quiet", is_flag=True, help="No progress bars; only the results.")
 def demo(

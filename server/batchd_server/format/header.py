@@ -247,5 +247,8 @@ def _header_problem(h: Any) -> str | None:
         ):
             return f"files entry {name!r} needs size (int), xxh3_64 (str), chunks (list of str)"
         if len(rec["chunks"]) != -(-rec["size"] // h["chunk_size"]):
-            return f"files entry {name!r}: {len(rec['chunks'])} chunk checksums for {rec['size']} bytes"
+            return (
+                f"files entry {name!r}: {len(rec['chunks'])} chunk checksums "
+                f"for {rec['size']} bytes"
+            )
     return None

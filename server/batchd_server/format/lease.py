@@ -178,6 +178,8 @@ def _refusal(exc: OSError) -> str:
         errno.EAGAIN: "a process has a file open for writing",
         errno.EACCES: "the files belong to another user (run the server as their owner)",
         errno.EPERM: "the files belong to another user (run the server as their owner)",
-        errno.EINVAL: "the filesystem does not support leases (NFS, FUSE?) or fs.leases-enable is 0",
+        errno.EINVAL: (
+            "the filesystem does not support leases (NFS, FUSE?) or fs.leases-enable is 0"
+        ),
     }
     return f"no read lease: {reasons.get(exc.errno or 0, exc.strerror)}"

@@ -3,11 +3,11 @@
 A dataset is a directory; its name is the dataset's name::
 
     NAME/
-    ├── batchd.header       magic, version, JSON (fields, count, checksums, ...), header checksum
-    ├── <field>.raw         fixed-shape field: count x shape x dtype, C-contiguous, from byte 0
-    ├── <field>.data        encoded field: the original JPEG/PNG bytes, back to back
-    ├── <field>.offsets     encoded field: int64 LE, count + 1 entries; sample i is data[o[i]:o[i+1]]
-    └── <field>.sizes       encoded field: int32 LE, count x 2 (height, width) of each decoded image
+    ├── batchd.header      magic, version, JSON (fields, count, checksums, ...), header checksum
+    ├── <field>.raw        fixed-shape field: count x shape x dtype, C-contiguous, from byte 0
+    ├── <field>.data       encoded field: the original JPEG/PNG bytes, back to back
+    ├── <field>.offsets    encoded field: int64 LE, count + 1 entries; sample i is data[o[i]:o[i+1]]
+    └── <field>.sizes      encoded field: int32 LE, count x 2 (height, width) of each decoded image
 
 ``batchd.header`` (all integers little-endian)::
 
@@ -124,7 +124,8 @@ class Dataset:
         if sorted(names) != sorted(self.header["files"]):
             raise FormatError(
                 hpath,
-                f"the files table {sorted(self.header['files'])} does not match the fields {sorted(names)}",
+                f"the files table {sorted(self.header['files'])} "
+                f"does not match the fields {sorted(names)}",
             )
         n = self.count
         for spec in self.fields.values():
@@ -283,7 +284,8 @@ class Dataset:
         if self.header["files"][fname]["size"] != want:
             raise FormatError(
                 self.path / HEADER_NAME,
-                f"{fname}: the files table says {self.header['files'][fname]['size']} bytes, the fields imply {want}",
+                f"{fname}: the files table says {self.header['files'][fname]['size']} bytes, "
+                f"the fields imply {want}",
             )
         try:
             f = open(fpath, "rb")  # noqa: SIM115 - kept open for check()
@@ -354,15 +356,17 @@ class Dataset:
             done += n
 
     def read_rows(self, name: str, ids: NDArray[np.integer], out: NDArray[Any]) -> None:
-        """Copy samples ``ids`` of raw field ``name`` into ``out`` (C-contiguous ``(len(ids), *shape)``).
+        """Copy samples ``ids`` of raw field ``name`` into ``out``.
 
+        ``out`` is C-contiguous, of shape ``(len(ids), *shape)`` and the field's dtype.
         Consecutive ids are read with one call; a truncated file is a StaleError.
         """
         spec = self._spec(name, "raw")
         assert spec.shape is not None
         if out.shape != (len(ids), *spec.shape) or out.dtype != spec.dtype:
             raise ValueError(
-                f"out is {out.dtype} {out.shape}, field {name!r} needs {spec.dtype} {(len(ids), *spec.shape)}"
+                f"out is {out.dtype} {out.shape}, "
+                f"field {name!r} needs {spec.dtype} {(len(ids), *spec.shape)}"
             )
         if not out.flags.c_contiguous:
             raise ValueError("out must be C-contiguous")
@@ -426,7 +430,8 @@ class Dataset:
         if img is None or img.shape[:2] != tuple(self.sizes(name)[i]):
             raise FormatError(
                 self.path / spec.files()[0],
-                f"field {name!r} sample {i} does not decode to the recorded size; run `batchd verify`",
+                f"field {name!r} sample {i} does not decode to the recorded size; "
+                "run `batchd verify`",
             )
         return img if img.ndim == 3 or mask else img[:, :, None]
 
@@ -498,7 +503,10 @@ def open_dataset(path: str | Path) -> Dataset:
 
 
 def verify(path: str | Path, *, progress: bool = False) -> None:
-    """Re-read every data file and compare each chunk's checksum; FormatError on the first bad one."""
+    """Re-read every data file and compare each chunk's checksum.
+
+    Raises FormatError on the first bad chunk.
+    """
     with open_dataset(path) as ds:
         chunk = ds.header["chunk_size"]
         files = ds.header["files"]
@@ -525,7 +533,8 @@ def _verify_file(fpath: Path, rec: Mapping[str, Any], chunk: int, advance: Any) 
             if xxhash.xxh3_64_hexdigest(buf) != want:
                 raise FormatError(
                     fpath,
-                    f"chunk {k}/{n} (bytes {lo}-{hi}) does not match its checksum: corrupt; repack the dataset",
+                    f"chunk {k}/{n} (bytes {lo}-{hi}) does not match its checksum: "
+                    "corrupt; repack the dataset",
                 )
             whole.update(buf)
             advance(len(buf))

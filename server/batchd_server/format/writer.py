@@ -171,7 +171,8 @@ class DatasetWriter:
         for f in fields:
             if f.name in RESERVED:
                 raise PackError(
-                    f"field name {f.name!r} is reserved (batches carry sample ids under it); rename it"
+                    f"field name {f.name!r} is reserved (batches carry sample ids under it); "
+                    "rename it"
                 )
         _check_target(self.out, overwrite)
         self.fields = list(fields)
@@ -197,17 +198,25 @@ class DatasetWriter:
             raise
 
     def append(self, sample: Mapping[str, Any]) -> None:
-        """One sample: a raw field's array (exactly its shape and dtype), an encoded field's :class:`Encoded`."""
+        """One sample.
+
+        A raw field's value is an array of exactly its shape and dtype, an encoded
+        field's an :class:`Encoded`.
+        """
         raw = {f.name for f in self.fields if f.encoding == "raw"}
         # Built from the sample's own keys, so append_block refuses a missing or extra field.
         block = {k: np.asarray(v)[None] if k in raw else [v] for k, v in sample.items()}
         self.append_block(block, 1)
 
     def append_block(self, block: Mapping[str, Any], n: int) -> None:
-        """``n`` samples: raw fields as ``(n, *shape)`` arrays, encoded fields as ``n`` :class:`Encoded`."""
+        """``n`` samples.
+
+        Raw fields as ``(n, *shape)`` arrays, encoded fields as ``n`` :class:`Encoded`.
+        """
         if set(block) != {f.name for f in self.fields}:
             raise PackError(
-                f"a block has fields {sorted(block)}, the dataset {sorted(f.name for f in self.fields)}"
+                f"a block has fields {sorted(block)}, "
+                f"the dataset {sorted(f.name for f in self.fields)}"
             )
         for spec in self.fields:
             v = block[spec.name]
@@ -219,7 +228,8 @@ class DatasetWriter:
                     raise PackError(f"field {spec.name!r}: {rows} samples for {n}")
                 if arr.shape != (n, *spec.shape) or arr.dtype != spec.dtype:
                     raise PackError(
-                        f"field {spec.name!r}: got {arr.dtype} {arr.shape[1:]}, the dataset holds {spec.dtype} {spec.shape}"
+                        f"field {spec.name!r}: got {arr.dtype} {arr.shape[1:]}, "
+                        f"the dataset holds {spec.dtype} {spec.shape}"
                     )
                 self._w[f"{spec.name}.raw"].write(np.ascontiguousarray(arr))
                 continue
@@ -232,7 +242,8 @@ class DatasetWriter:
             for j, e in enumerate(v):
                 if not isinstance(e, Encoded) or len(e.data) == 0:
                     raise PackError(
-                        f"field {spec.name!r}: expected non-empty Encoded images, got {type(e).__name__}"
+                        f"field {spec.name!r}: expected non-empty Encoded images, "
+                        f"got {type(e).__name__}"
                     )
                 data.write(e.data)
                 pos += len(e.data)

@@ -115,13 +115,15 @@ def _check_sources(
     type=click.Choice(["raw", "encoded"]),
     default="raw",
     show_default=True,
-    help="raw: decode once to fixed-size pixels (fastest to serve); encoded: keep the original bytes, any size.",
+    help="raw: decode once to fixed-size pixels (fastest to serve); "
+    "encoded: keep the original bytes, any size.",
 )
 @click.option(
     "--size",
     metavar="HxW",
     callback=_parse_size,
-    help="raw mode: bring every image to this size. Default: the first image's size (others refused).",
+    help="raw mode: bring every image to this size. "
+    "Default: the first image's size (others refused).",
 )
 @click.option(
     "--resize-policy",
@@ -252,7 +254,8 @@ def _describe(path: Path) -> dict[str, Any]:
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print the description as JSON.")
 def inspect_cmd(path: Path, as_json: bool) -> None:
-    """Describe the dataset at PATH: count, fields, classes, size, fingerprint, how it was packed."""
+    """Describe the dataset at PATH: count, fields, classes, size, fingerprint, how it
+    was packed."""
     info = _describe(path)
     if as_json:
         click.echo(json.dumps(info, indent=2))
@@ -267,7 +270,8 @@ def inspect_cmd(path: Path, as_json: bool) -> None:
     for f in info["fields"]:
         shape = "variable (encoded image)" if f["shape"] is None else tuple(f["shape"])
         lines.append(
-            f"  {f['name']:<14} {f['dtype']:<5} {shape!s:<26} role={f['role']} encoding={f['encoding']}"
+            f"  {f['name']:<14} {f['dtype']:<5} {shape!s:<26} "
+            f"role={f['role']} encoding={f['encoding']}"
         )
     if info["classes"] is not None:
         shown = ", ".join(info["classes"][:20]) + (" ..." if len(info["classes"]) > 20 else "")
@@ -285,7 +289,8 @@ def inspect_cmd(path: Path, as_json: bool) -> None:
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def verify_cmd(path: Path, quiet: bool) -> None:
-    """Re-read every file of the dataset at PATH against its checksums (exit 1 names the bad chunk)."""
+    """Re-read every file of the dataset at PATH against its checksums (exit 1 names the
+    bad chunk)."""
     import sys
 
     from ..format import open_dataset, verify
@@ -293,5 +298,6 @@ def verify_cmd(path: Path, quiet: bool) -> None:
     verify(path, progress=False if quiet else sys.stderr.isatty())
     with open_dataset(path) as ds:
         click.echo(
-            f"ok: {ds.name}: {ds.count:,} samples, {len(ds.header['files'])} data files, fingerprint {ds.fingerprint}"
+            f"ok: {ds.name}: {ds.count:,} samples, {len(ds.header['files'])} data files, "
+            f"fingerprint {ds.fingerprint}"
         )

@@ -152,7 +152,8 @@ def decode_block(rows: Sequence[Row], job: Job) -> Block:
             if job.fixed_by_first and img.shape[:2] != job.size:
                 mismatch = j if mismatch is None else mismatch
                 raise ValueError(
-                    f"is {img.shape[0]}x{img.shape[1]}, the first image {job.size[0]}x{job.size[1]}; "
+                    f"is {img.shape[0]}x{img.shape[1]}, "
+                    f"the first image {job.size[0]}x{job.size[1]}; "
                     "the images differ in size: pass --size HxW (and --resize-policy) to bring "
                     "them all to one size, or --mode encoded to keep each image's own"
                 )

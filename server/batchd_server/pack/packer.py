@@ -104,7 +104,8 @@ class PackOptions:
         if self.size is not None:
             if self.mode != "raw":
                 raise ConfigError(
-                    "size (--size) applies to mode raw only; encoded mode keeps every image's own size"
+                    "size (--size) applies to mode raw only; "
+                    "encoded mode keeps every image's own size"
                 )
             if len(self.size) != 2 or not all(
                 isinstance(d, int) and 0 < d <= 65535 for d in self.size
@@ -133,6 +134,15 @@ class PackOptions:
                 )
 
 
+def _field_summary(f: FieldSpec) -> str:
+    """``name (kind, role)`` of one field, for :class:`PackSummary`."""
+    if f.encoding == "image":
+        kind = "encoded " + ("RGB" if f.channels == 3 else "gray")
+    else:
+        kind = f"{f.dtype} {f.shape}"
+    return f"{f.name} ({kind}, {f.role})"
+
+
 @dataclass(frozen=True, kw_only=True)
 class PackSummary:
     """What a pack produced; ``str()`` is the one-paragraph summary the CLI prints."""
@@ -147,13 +157,11 @@ class PackSummary:
     notes: tuple[str, ...] = ()
 
     def __str__(self) -> str:
-        fields = ", ".join(
-            f"{f.name} ({'encoded ' + ('RGB' if f.channels == 3 else 'gray') if f.encoding == 'image' else f'{f.dtype} {f.shape}'}, {f.role})"
-            for f in self.fields.values()
-        )
+        fields = ", ".join(_field_summary(f) for f in self.fields.values())
         rate = self.count / self.seconds if self.seconds > 0 else float("inf")
         text = (
-            f"Packed {self.count:,} samples into {self.path} in {self.seconds:.1f} s ({rate:,.0f}/s). "
+            f"Packed {self.count:,} samples into {self.path} "
+            f"in {self.seconds:.1f} s ({rate:,.0f}/s). "
             f"Fields: {fields}. {_human(self.bytes)} on disk. Fingerprint {self.fingerprint}. "
         )
         text += "".join(f"Note: {n}. " for n in self.notes)
@@ -370,7 +378,8 @@ def _write_block(
             raise PackError(f"{row.name()}: {b.errors[j]}")
         if opts.on_error == "stop":
             raise PackError(
-                f"{row.name()}: {b.errors[j]}. Fix or remove it, or pass --on-error skip to pack the rest"
+                f"{row.name()}: {b.errors[j]}. "
+                "Fix or remove it, or pass --on-error skip to pack the rest"
             )
         budget.add(row.name(), b.errors[j])
         writer.skip(str(row.image), b.errors[j], start + j)

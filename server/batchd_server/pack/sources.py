@@ -237,8 +237,8 @@ def _numeric_column(path: Path, name: str, cells: list[tuple[str, int]]) -> NDAr
             out[i] = float(s)
         except ValueError:
             raise PackError(
-                f"{path} line {n}: column {name!r} holds {s!r}, not a number; targets must be numeric "
-                "(drop the column or encode it as numbers)"
+                f"{path} line {n}: column {name!r} holds {s!r}, not a number; "
+                "targets must be numeric (drop the column or encode it as numbers)"
             ) from None
     return out
 
@@ -294,17 +294,22 @@ def check_labels(labels: NDArray[Any], n_classes: int, start: int) -> None:
     if bad.size:
         i = int(bad[0])
         raise PackError(
-            f"label of sample {start + i} is {labels[i]}, outside 0..{n_classes - 1} for {n_classes} classes"
+            f"label of sample {start + i} is {labels[i]}, "
+            f"outside 0..{n_classes - 1} for {n_classes} classes"
         )
 
 
 def convert_sample(
     i: int, sample: Mapping[str, Any], fields: list[FieldSpec]
 ) -> dict[str, Any] | str:
-    """A sample in the writer's terms, a str reason if an image does not decode; PackError if malformed."""
+    """A sample in the writer's terms, or a str reason if an image does not decode.
+
+    Raises PackError if the sample is malformed.
+    """
     if set(sample) != {f.name for f in fields}:
         raise PackError(
-            f"sample {i} has fields {sorted(sample)}, the first sample {sorted(f.name for f in fields)}"
+            f"sample {i} has fields {sorted(sample)}, "
+            f"the first sample {sorted(f.name for f in fields)}"
         )
     out: dict[str, Any] = {}
     for f in fields:
@@ -316,7 +321,8 @@ def convert_sample(
                 )
             img = decode_image(v, f.channels or 3, mask=f.role == "mask")
             if img is None:
-                return f"field {f.name!r}: the bytes are not a decodable {'image' if f.channels == 3 else 'single-channel 8-bit mask'}"
+                kind = "image" if f.channels == 3 else "single-channel 8-bit mask"
+                return f"field {f.name!r}: the bytes are not a decodable {kind}"
             out[f.name] = Encoded(bytes(v), img.shape[0], img.shape[1])
             continue
         arr = np.asarray(v)

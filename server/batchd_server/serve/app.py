@@ -2,7 +2,8 @@
 
 Every error is JSON ``{"error": code, "detail": message}``: the engine's
 :class:`~batchd_server.errors.Rejected` (each kind owns its status and code, and is
-mapped here once), FastAPI's type errors (turned from 422 into 400 naming the parameter), unknown routes and methods, and the bearer-token check. Bad input gets a
+mapped here once), FastAPI's type errors (turned from 422 into 400 naming the
+parameter), unknown routes and methods, and the bearer-token check. Bad input gets a
 4xx and never a 5xx; a 500 means a bug in batchd (logged with its traceback).
 
 Auth (:mod:`.auth`) is a plain ASGI middleware so it covers every route (the OpenAPI
@@ -176,7 +177,9 @@ def create_app(engine: Engine, *, token: str | None = None) -> FastAPI:
     app = FastAPI(
         title="batchd",
         version=__version__,
-        description="Shuffled, augmented training batches from memory-mapped packs (docs/protocol.md).",
+        description=(
+            "Shuffled, augmented training batches from memory-mapped packs (docs/protocol.md)."
+        ),
         lifespan=lifespan,
         # No 307 to the slash-less path: a trailing slash (or a name with an encoded one)
         # gets the JSON 404 of docs/protocol.md like any other unknown route (issue 7).

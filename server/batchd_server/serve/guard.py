@@ -118,7 +118,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
 
 def guarded(header_timeout: float) -> type[GuardedHttpToolsProtocol]:
-    """A protocol class with this server's head deadline (a subclass, so servers do not share it)."""
+    """A protocol class with this server's head deadline.
+
+    A subclass of its own, so servers do not share it.
+    """
     return type(
         "GuardedHttpToolsProtocol",
         (GuardedHttpToolsProtocol,),

@@ -11,6 +11,9 @@ import html
 
 __all__ = ["login_page", "status_page"]
 
+# In _STYLE and _SCRIPT a backslash at the end of a line joins it to the next in the
+# produced text (Python drops the backslash and the newline): a long CSS or JS line
+# stays one line on the page while the source keeps within 100 columns.
 _STYLE = """
 :root { --fg:#1d2430; --mute:#697386; --line:#e3e8ee; --bg:#f7f9fb; --ok:#1a7f37;
         --warn:#b35900; --bad:#c62828; --accent:#2f6fde; }
@@ -39,7 +42,8 @@ td.aug { max-width: 18rem; overflow:hidden; text-overflow:ellipsis; color:var(--
 .bar > span { display:block; height:100%; background:var(--accent); border-radius:3px; }
 .stall-low { color:var(--ok); } .stall-mid { color:var(--warn); } .stall-high { color:var(--bad); }
 .unavail { color:var(--bad); }
-#server { display:grid; grid-template-columns:repeat(auto-fill, minmax(11rem, 1fr)); gap:.4rem 1rem; }
+#server { display:grid; grid-template-columns:repeat(auto-fill, minmax(11rem, 1fr)); \
+gap:.4rem 1rem; }
 #server div span { display:block; color:var(--mute); font-size:.75rem; }
 svg.spark { vertical-align: middle; }
 """
@@ -78,7 +82,8 @@ function spark(values) {
   svg.setAttribute("viewBox", `0 0 ${w} ${h}`);
   const top = Math.max(1, ...values);
   const pts = values.map((v, i) =>
-    `${(i * w / Math.max(1, values.length - 1)).toFixed(1)},${(h - 1 - v / top * (h - 2)).toFixed(1)}`);
+    `${(i * w / Math.max(1, values.length - 1)).toFixed(1)},\
+${(h - 1 - v / top * (h - 2)).toFixed(1)}`);
   const line = document.createElementNS(ns, "polyline");
   line.setAttribute("points", pts.join(" ")); line.setAttribute("fill", "none");
   line.setAttribute("stroke", "#2f6fde"); line.setAttribute("stroke-width", "1.5");
@@ -102,7 +107,8 @@ function renderDatasets(list) {
       const why = el("td", "unavail", "unavailable: " + d.error); why.colSpan = 6;
       return row([el("td", null, d.name), why]);
     }
-    return row([el("td", null, d.name), el("td", "num", num(d.count)), el("td", "num", bytes(d.bytes)),
+    return row([el("td", null, d.name), el("td", "num", num(d.count)), \
+el("td", "num", bytes(d.bytes)),
       el("td", null, d.storage), el("td", null, d.fingerprint.slice(0, 12)),
       el("td", "num", pct(d.resident)), el("td", null, d.reads)]);
   }), "no packs under --data", 7);
@@ -115,10 +121,12 @@ function renderJobs(list) {
     inner.style.width = (100 * done).toFixed(1) + "%"; bar.appendChild(inner);
     const prog = el("td"); prog.appendChild(bar);
     const stall = el("td", "stall num", j.stall === null ? "-" : pct(j.stall));
-    if (j.stall !== null) stall.className += j.stall < 0.1 ? " stall-low" : j.stall < 0.5 ? " stall-mid" : " stall-high";
+    if (j.stall !== null) stall.className += j.stall < 0.1 ? " stall-low" \
+: j.stall < 0.5 ? " stall-mid" : " stall-high";
     const aug = el("td", "aug", j.augment); aug.title = j.augment;
     const sp = el("td"); sp.appendChild(spark(j.sparkline));
-    const tr = row([el("td", null, j.dataset), el("td", "num", j.seed), el("td", "num", j.batch_size),
+    const tr = row([el("td", null, j.dataset), el("td", "num", j.seed), \
+el("td", "num", j.batch_size),
       el("td", null, j.split || "all"), aug, el("td", "num", `${j.rank}/${j.world_size}`),
       el("td", "epoch num", j.epoch), progress, prog, el("td", "rate num", num(j.images_per_s)),
       el("td", "num", dur(j.eta_s)), el("td", "trainers num", j.trainers), stall, sp]);
@@ -148,7 +156,8 @@ async function tick() {
     const s = await r.json();
     document.getElementById("version").textContent = "v" + s.version;
     renderServer(s.server); renderDatasets(s.datasets); renderJobs(s.jobs);
-    state.className = "live"; state.textContent = "live, " + new Date(s.time * 1000).toLocaleTimeString();
+    state.className = "live"; \
+state.textContent = "live, " + new Date(s.time * 1000).toLocaleTimeString();
   } catch (e) {
     state.className = "offline"; state.textContent = "server not answering; retrying";
   } finally {

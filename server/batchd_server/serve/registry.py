@@ -329,9 +329,9 @@ class Registry:
     def get(self, name: str) -> Dataset:
         """The current dataset called ``name``; re-opened first if it changed on disk.
 
-        Raises :class:`~batchd_server.errors.InvalidName` for a name that is not a plain directory name,
-        ``UnknownDataset`` or ``DatasetUnavailable`` (listing the served ones). A folder
-        that is not a pack is ``DatasetUnavailable``, as the list shows it.
+        Raises :class:`~batchd_server.errors.InvalidName` for a name that is not a plain
+        directory name, ``UnknownDataset`` or ``DatasetUnavailable`` (listing the served
+        ones). A folder that is not a pack is ``DatasetUnavailable``, as the list shows it.
         """
         check_name(name)
         with self._lock:

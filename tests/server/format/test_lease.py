@@ -117,7 +117,9 @@ _TRUNCATE_UNDER_READS = """
         stale = False
     except StaleError:
         stale = True
-    print(json.dumps({"before": before, "after": ds.reads, "took": took, "mapped": mapped[0], "stale": stale}))
+    print(json.dumps({
+        "before": before, "after": ds.reads, "took": took, "mapped": mapped[0], "stale": stale
+    }))
 """
 
 

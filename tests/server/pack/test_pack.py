@@ -221,7 +221,10 @@ def csv_dir(tmp_path: Path) -> Path:
 
 def test_csv_round_trip_with_mask_and_targets(csv_dir: Path, tmp_path: Path) -> None:
     (csv_dir / "t.csv").write_text(
-        "filename,seg,count,score\nimg/0.png,masks/0.png,3,0.5\nimg/1.png,masks/1.png,0,1\n img/2.png ,masks/2.png,7,-2.25\n"
+        "filename,seg,count,score\n"
+        "img/0.png,masks/0.png,3,0.5\n"
+        "img/1.png,masks/1.png,0,1\n"
+        " img/2.png ,masks/2.png,7,-2.25\n"
     )
     for mode in ("raw", "encoded"):
         out = tmp_path / mode

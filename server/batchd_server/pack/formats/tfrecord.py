@@ -202,7 +202,10 @@ def _feature(buf: bytes, start: int, end: int) -> tuple[str, Any]:
 
 
 def parse_example(data: bytes) -> dict[str, tuple[str, Any]]:
-    """A serialized ``tf.train.Example`` as ``{feature key: (kind, values)}``; ValueError if malformed."""
+    """A serialized ``tf.train.Example`` as ``{feature key: (kind, values)}``.
+
+    Raises ValueError if it is malformed.
+    """
     out: dict[str, tuple[str, Any]] = {}
     for number, wire, val in _fields(data, 0, len(data)):
         if number != 1 or wire != 2:
