@@ -11,6 +11,8 @@ batch 256, images/s as median (min-max) of ``--reps`` timed passes after a warm-
 - ``batchd-crop-opencv``: the same, the server started with ``BATCHD_JPEG_DECODER=opencv``
   (the decoder before issue 15; the same pixels);
 - ``batchd-rrc``: random_resized_crop 224 + hflip;
+- ``batchd-crop-4-same``: four trainer processes on the same job (same seed and
+  epoch), aggregate images/s: each batch is decoded once and answered four times;
 - ``tfdata-crop`` / ``tfdata-rrc``: tf.data over the same files, its best pipeline
   (``map(num_parallel_calls=AUTOTUNE, deterministic=False)``, batch, prefetch):
   ``decode_jpeg`` + ``random_crop`` + flip, and the standard ImageNet recipe
@@ -147,12 +149,65 @@ def batchd_line(
     return {"images_per_s": _stat(passes), "server_cpu_us_per_image": round(cpu_us, 1)}
 
 
+_TRAINER = r"""
+import json, sys, time, pathlib, batchd
+url, name, augment, epoch, go = json.loads(sys.argv[1])
+client = batchd.Client(url, name, batch_size=256, augment=augment)
+client.info
+print("ready", flush=True)
+while not pathlib.Path(go).exists():
+    time.sleep(0.001)
+t, n = time.perf_counter(), 0
+for b in client.iterate(epoch):
+    n += int(b["index"].shape[0])
+print(json.dumps({"start": t, "end": time.perf_counter(), "images": n}), flush=True)
+"""
+
+
+def shared_line(
+    data_dir: Path, name: str, augment: list[dict[str, Any]], trainers: int, reps: int
+) -> dict[str, Any]:
+    """``trainers`` processes on one job; aggregate images/s over (last end - first start)."""
+    import tempfile
+
+    rates, cpu_us = [], []
+    with serve(data_dir) as server:
+        for epoch in range(reps + 1):  # epoch 0 warms the page cache and the server
+            go = Path(tempfile.mkdtemp(prefix="batchd-go-")) / "go"
+            arg = json.dumps([server.url, name, augment, epoch, str(go)])
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+            procs = [
+                subprocess.Popen(
+                    [sys.executable, "-c", _TRAINER, arg],
+                    stdout=subprocess.PIPE,
+                    text=True,
+                    env=env,
+                )
+                for _ in range(trainers)
+            ]
+            for p in procs:
+                assert p.stdout is not None and p.stdout.readline().strip() == "ready"
+            cpu0 = _cpu_s(server.pid)
+            go.touch()
+            outs = [
+                json.loads(p.communicate(timeout=600)[0].strip().splitlines()[-1]) for p in procs
+            ]
+            images = sum(o["images"] for o in outs)
+            if epoch:
+                rates.append(images / (max(o["end"] for o in outs) - min(o["start"] for o in outs)))
+                cpu_us.append((_cpu_s(server.pid) - cpu0) / images * 1e6)
+    return {
+        "images_per_s": _stat(rates),
+        "trainers": trainers,
+        "server_cpu_us_per_image": round(statistics.median(cpu_us), 1),
+    }
+
+
 def tf_line(files: list[Path], labels: list[int], mode: str, reps: int) -> dict[str, Any]:
     python = TF_VENV / "bin" / "python"
     if not python.exists():
-        return {
-            "skipped": f"no TensorFlow venv at {TF_VENV}: python -m benchmarks.bench_decode --setup-tf"
-        }
+        setup = "python -m benchmarks.bench_decode --setup-tf"
+        return {"skipped": f"no TensorFlow venv at {TF_VENV}: {setup}"}
     payload = json.dumps([[str(f) for f in files], labels, mode, reps, 256])
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     done = subprocess.run(
@@ -209,6 +264,7 @@ def main(argv: list[str] | None = None) -> None:
     with _env(BATCHD_JPEG_DECODER="opencv"):
         lines["batchd-crop-opencv"] = batchd_line(images.data_dir, name, CROP, args.reps)
     lines["batchd-rrc"] = batchd_line(images.data_dir, name, RRC, args.reps)
+    lines["batchd-crop-4-same"] = shared_line(images.data_dir, name, CROP, 4, args.reps)
     labels = [int(x) for x in images.labels]
     lines["tfdata-crop"] = tf_line(list(images.files), labels, "crop", args.reps)
     lines["tfdata-rrc"] = tf_line(list(images.files), labels, "rrc", args.reps)
@@ -224,6 +280,7 @@ def main(argv: list[str] | None = None) -> None:
         ("batchd-crop", "tfdata-crop"),
         ("batchd-rrc", "tfdata-rrc"),
         ("batchd-rrc", "batchd-crop"),
+        ("batchd-crop-4-same", "batchd-crop"),
     ):
         x, y = med(a), med(b)
         if x is not None and y is not None:
