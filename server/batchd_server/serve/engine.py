@@ -289,7 +289,8 @@ class Engine:
     async def _batch(self, req: BatchRequest, mark: ClientMark | None) -> Served:
         ds = await self.dataset(req.dataset)
         prep = self._prepare(req, ds, await self.split_ids.ids(ds, req))
-        self.metrics.job_progress(job_label(req.dataset, prep.job), req.k)
+        label = job_label(req.dataset, prep.job)
+        self.metrics.job_progress(label, req.k)
         source: Literal["hit", "miss", "join"]
         body = self._cache.get(prep.key)
         if body is not None:
@@ -316,7 +317,7 @@ class Engine:
             body = await asyncio.shield(flight.task)
         self._read_ahead(prep)
         await self._announce(prep)
-        self.board.served(prep.req, prep.plan, prep.pipeline.canonical, prep.job, mark)
+        self.board.served(prep.req, prep.plan, prep.pipeline.canonical, prep.job, label, mark)
         cached = prep.key in self._cache
         return Served(body, source, ds.fingerprint, prep.plan.num_batches, cached)
 

@@ -138,6 +138,7 @@ class _Job:
     batch_size: int
     first: float
     last: float
+    epoch_seen: float  # when its current epoch was last asked for
     served: deque[tuple[float, int]] = field(default_factory=deque)  # (time, rows) answered
     advanced: deque[float] = field(default_factory=deque)  # times a batch was first asked for
     asked: set[int] = field(default_factory=set)  # batches of this epoch asked for
@@ -158,9 +159,11 @@ class JobBoard:
         plan: EpochPlan,
         augment: str,
         job: tuple[Any, ...],
+        label: str,
         mark: ClientMark | None,
     ) -> None:
-        """Note the answer to ``req`` (of ``plan``; ``job`` is its cache key less ``k``)."""
+        """Note the answer to ``req`` (of ``plan``; ``job`` is its cache key less ``k``,
+        ``label`` its :func:`job_label`)."""
         self.record(
             (req.dataset, *job[:2], *job[3:]),  # the job, whatever its epoch
             {
@@ -174,7 +177,7 @@ class JobBoard:
                 "split": req.split,
                 "augment": augment,
             },
-            metrics_job=job_label(req.dataset, job),
+            metrics_job=label,
             epoch=req.epoch,
             k=req.k,
             num_batches=plan.num_batches,
@@ -200,15 +203,18 @@ class JobBoard:
         now = self._clock()
         job = self._jobs.get(key)
         if job is None:
-            job = _Job(about, metrics_job, epoch, -1, num_batches, batch_size, now, now)
+            job = _Job(about, metrics_job, epoch, -1, num_batches, batch_size, now, now, now)
             self._jobs[key] = job
             while len(self._jobs) > MAX_LIVE_JOBS:
                 self._jobs.popitem(last=False)
         self._jobs.move_to_end(key)
         job.last = now
-        if epoch > job.epoch:  # a new epoch: progress starts again
+        # A later epoch starts progress again; so does an earlier one once nobody has
+        # asked for the current epoch in a while (a trainer restarted from epoch 0).
+        if epoch > job.epoch or (epoch < job.epoch and now - job.epoch_seen > RATE_S):
             job.epoch, job.batch, job.asked = epoch, -1, set()
         if epoch == job.epoch:
+            job.epoch_seen = now
             job.num_batches, job.metrics_job = num_batches, metrics_job
             if k not in job.asked:
                 job.asked.add(k)

@@ -141,6 +141,19 @@ def test_jobs_expire_after_the_window_and_a_new_epoch_restarts_progress() -> Non
     assert board.jobs() == []
 
 
+def test_a_trainer_restarted_from_an_earlier_epoch_is_followed() -> None:
+    clock = Clock()
+    board = JobBoard(clock)
+    for k in range(30):
+        ask(board, k, epoch=5)
+        clock.now += 0.1
+    clock.now += RATE_S + 1  # the run stops; it restarts from epoch 0 within the minute
+    for k in range(3):
+        ask(board, k, epoch=0)
+    (job,) = board.jobs()
+    assert (job["epoch"], job["batch"]) == (0, 2)
+
+
 def test_images_per_s_is_over_the_last_seconds_only() -> None:
     clock = Clock()
     board = JobBoard(clock)
