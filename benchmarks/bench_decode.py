@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 
 from ._data import ensure_packs, image_set
-from ._harness import serve
+from ._harness import serve, stat
 
 WORK = Path(__file__).parent / "_work"
 TF_VENV = WORK / "tf-venv"
@@ -89,10 +89,6 @@ print(json.dumps({"rates": rates, "version": tf.__version__}))
 """
 
 
-def _stat(rates: list[float]) -> dict[str, float]:
-    return {"median": statistics.median(rates), "min": min(rates), "max": max(rates)}
-
-
 def _cpu_s(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -113,7 +109,7 @@ def decode_limit(blobs: list[bytes], decode: Callable[[bytes], Any], reps: int) 
         return len(blobs) / (time.perf_counter() - t)
 
     one_pass()  # warm-up
-    return {"images_per_s": _stat([one_pass() for _ in range(reps)]), "threads": threads}
+    return {"images_per_s": stat([one_pass() for _ in range(reps)]).as_dict(), "threads": threads}
 
 
 @contextlib.contextmanager
@@ -146,7 +142,7 @@ def batchd_line(
             passes.append(got / (time.perf_counter() - t))
             assert got == n, f"pass {epoch}: {got} images, the warm-up {n}"
         cpu_us = (_cpu_s(server.pid) - cpu0) / (n * reps) * 1e6
-    return {"images_per_s": _stat(passes), "server_cpu_us_per_image": round(cpu_us, 1)}
+    return {"images_per_s": stat(passes).as_dict(), "server_cpu_us_per_image": round(cpu_us, 1)}
 
 
 _TRAINER = r"""
@@ -197,7 +193,7 @@ def shared_line(
                 rates.append(images / (max(o["end"] for o in outs) - min(o["start"] for o in outs)))
                 cpu_us.append((_cpu_s(server.pid) - cpu0) / images * 1e6)
     return {
-        "images_per_s": _stat(rates),
+        "images_per_s": stat(rates).as_dict(),
         "trainers": trainers,
         "server_cpu_us_per_image": round(statistics.median(cpu_us), 1),
     }
@@ -221,7 +217,7 @@ def tf_line(files: list[Path], labels: list[int], mode: str, reps: int) -> dict[
     if done.returncode != 0:
         return {"skipped": f"tf.data failed: {done.stderr.strip()[-500:]}"}
     out = json.loads(done.stdout.strip().splitlines()[-1])
-    return {"images_per_s": _stat(out["rates"]), "tensorflow": out["version"]}
+    return {"images_per_s": stat(out["rates"]).as_dict(), "tensorflow": out["version"]}
 
 
 def setup_tf() -> None:

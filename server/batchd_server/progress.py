@@ -1,11 +1,21 @@
-"""Progress bars for long jobs (packing, verifying): tqdm on stderr, or nothing."""
+"""Progress bars for long jobs (packing, verifying), and sizes as people read them."""
 
 from __future__ import annotations
 
 import sys
 from typing import Any
 
-__all__: list[str] = []
+__all__ = ["human_bytes"]
+
+
+def human_bytes(n: int) -> str:
+    """``n`` bytes as a person reads them: ``512 B``, ``3.0 MiB``, ``1.2 TiB``."""
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024:
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} TiB"
 
 
 class _Bar:

@@ -25,7 +25,7 @@ from numpy.typing import NDArray
 from ..errors import ConfigError, PackError
 from ..format import HEADER_NAME, DatasetWriter, FieldSpec, Role, le_dtype, open_dataset
 from ..format.header import _FIELD_NAME, RESERVED
-from ..progress import progress_bar
+from ..progress import human_bytes, progress_bar
 from .decode import Block, Job, Mode, Policy, decode_block, probe_size
 from .sources import (
     Inputs,
@@ -162,7 +162,7 @@ class PackSummary:
         text = (
             f"Packed {self.count:,} samples into {self.path} "
             f"in {self.seconds:.1f} s ({rate:,.0f}/s). "
-            f"Fields: {fields}. {_human(self.bytes)} on disk. Fingerprint {self.fingerprint}. "
+            f"Fields: {fields}. {human_bytes(self.bytes)} on disk. Fingerprint {self.fingerprint}. "
         )
         text += "".join(f"Note: {n}. " for n in self.notes)
         if not self.skipped:
@@ -174,15 +174,6 @@ class PackSummary:
             else ""
         )
         return text + f"Skipped {len(self.skipped)}: {shown}{more}."
-
-
-def _human(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{size:.1f} TiB"
 
 
 def skip_limit(max_skipped: int | str, total: int) -> int:

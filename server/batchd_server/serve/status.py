@@ -320,8 +320,7 @@ class Overview:
 
     async def document(self) -> dict[str, Any]:
         """The whole status; file I/O (the registry scan, mincore) runs off the event loop."""
-        entries = await asyncio.to_thread(self.engine.registry.entries)
-        datasets = [await asyncio.to_thread(self._dataset, e) for e in entries]
+        datasets = await asyncio.to_thread(self._datasets)
         m = self.engine.metrics
         hits, misses = m.total(m.cache_hits), m.total(m.cache_misses)
         load = self.engine.load()
@@ -345,6 +344,9 @@ class Overview:
                 "decoders": dict(DECODERS),
             },
         }
+
+    def _datasets(self) -> list[dict[str, Any]]:
+        return [self._dataset(e) for e in self.engine.registry.entries()]
 
     def _dataset(self, entry: Entry) -> dict[str, Any]:
         ds = entry.dataset

@@ -15,19 +15,15 @@ from typing import Any
 
 import click
 
+from ..progress import human_bytes
+
 __all__ = ["render", "top"]
 
 _BARS = " ▁▂▃▄▅▆▇█"
 
 
 def _bytes(n: int | None) -> str:
-    if n is None:
-        return "-"
-    value, units = float(n), ["B", "KiB", "MiB", "GiB", "TiB"]
-    i = 0
-    while value >= 1024 and i < len(units) - 1:
-        value, i = value / 1024, i + 1
-    return f"{value:.0f} {units[i]}" if i == 0 else f"{value:.1f} {units[i]}"
+    return "-" if n is None else human_bytes(n)
 
 
 def _pct(x: float | None) -> str:
