@@ -207,19 +207,22 @@ class Metrics:
         )
         self.progress = Gauge(
             "batchd_job_last_batch",
-            f"Last batch index requested per job (the {MAX_JOBS} most recent jobs)",
+            f"Furthest batch index requested per job (the {MAX_JOBS} most recent jobs)",
             ["job"],
             registry=r,
         )
-        self._jobs: OrderedDict[str, None] = OrderedDict()
+        self._jobs: OrderedDict[str, int] = OrderedDict()  # job -> furthest batch
         self._jobs_lock = threading.Lock()
         if registry is not None:
             r.register(_ResidentCollector(registry))
         r.register(_DiskReadCollector())
 
     def job_progress(self, job: str, k: int) -> None:
+        """Note batch ``k`` asked for by ``job``. The gauge keeps the furthest: a client's
+        prefetched requests may reach the server out of order."""
         with self._jobs_lock:
-            self._jobs[job] = None
+            k = max(k, self._jobs.get(job, -1))
+            self._jobs[job] = k
             self._jobs.move_to_end(job)
             while len(self._jobs) > MAX_JOBS:
                 old, _ = self._jobs.popitem(last=False)

@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 
+from batchd_server.serve.metrics import Metrics
 from batchd_server.serve.status import (
     RATE_S,
     WINDOW_S,
@@ -229,3 +230,12 @@ def test_top_renders_the_figures_of_the_document() -> None:
     assert "up 1m 15s" in lines[0] and "4xx 3" in lines[0] and "hit 25.0%" in lines[0]
     assert any("1,000" in line and "50.0%" in line and "3.0 MiB" in line for line in lines)
     assert any(line.startswith("junk") and "unavailable: no header.json" in line for line in lines)
+
+
+def test_the_progress_gauge_keeps_the_furthest_batch_of_out_of_order_requests() -> None:
+    metrics = Metrics()
+    for k in (0, 2, 3, 1):  # a client's prefetch: requests 1..3 race each other
+        metrics.job_progress("tiny:0", k)
+    metrics.job_progress("tiny:1", 0)  # another job (or the next epoch) has its own
+    values = {s.labels["job"]: s.value for f in metrics.progress.collect() for s in f.samples}
+    assert values == {"tiny:0": 3, "tiny:1": 0}
