@@ -17,7 +17,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from ._exceptions import WireError
-from .wire import SHM_ROOT
+from .wire import SHM_ROOT, is_int
 
 __all__ = ["ShmGone", "map_shm_body"]
 
@@ -37,7 +37,7 @@ def map_shm_body(payload: Any, url: str, owner: int) -> NDArray[np.uint8]:
     if not isinstance(payload, dict):
         raise WireError(f"{url}: shared-memory answer {payload!r:.200} is not a JSON object")
     path, length = payload.get("path"), payload.get("length")
-    if not isinstance(path, str) or not isinstance(length, int) or isinstance(length, bool):
+    if not isinstance(path, str) or not is_int(length):
         raise WireError(f"{url}: shared-memory answer {payload!r:.200} lacks path or length")
     if length <= 0 or not path.startswith(SHM_ROOT) or os.path.realpath(path) != path:
         raise WireError(
@@ -64,7 +64,7 @@ def map_shm_body(payload: Any, url: str, owner: int) -> NDArray[np.uint8]:
         try:
             # MAP_PRIVATE over a read-only fd: the server's pages, shared until written.
             mm = mmap.mmap(
-                fd, length, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE
+                fd, int(length), flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE
             )
         except OSError:
             raise ShmGone(path) from None  # out of address space or the like: the bytes

@@ -46,7 +46,7 @@ import re
 import struct
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 import msgpack
 import numpy as np
@@ -75,6 +75,7 @@ __all__ = [
     "check_int",
     "decode_batch",
     "format_split",
+    "is_int",
     "is_loopback_host",
     "layout",
     "parse_split",
@@ -118,12 +119,17 @@ _BIN32 = b"\xc6"
 _MAX_DEPTH = 8  # a batch nests 4 deep; anything deeper is not a batch
 
 
-def check_int(name: str, value: object, low: int, high: int | None = None) -> int:
-    """``value`` as an int in ``low..high``, or ValueError naming ``name`` and the range.
+def is_int(value: object) -> TypeGuard[int | np.integer[Any]]:
+    """Whether ``value`` is an int (a numpy integer too) and not a bool.
 
     bool is refused although it is an int: ``batch_size=True`` is a mistake, not 1.
     """
-    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+    return isinstance(value, int | np.integer) and not isinstance(value, bool)
+
+
+def check_int(name: str, value: object, low: int, high: int | None = None) -> int:
+    """``value`` as an int in ``low..high`` (:func:`is_int`), or ValueError naming ``name``."""
+    if not is_int(value):
         raise ValueError(f"{name} must be an int, got {value!r}")
     if value < low or (high is not None and value > high):
         bound = f">= {low}" if high is None else f"in {low}..{high}"
@@ -465,11 +471,7 @@ def _array(buf: Any, spec: Any, what: str, rows: int | None) -> NDArray[Any]:
         raise WireError(
             f"{what}: dtype {dtype!r} is not allowed; allowed: {sorted(ALLOWED_DTYPES)}"
         )
-    if (
-        not isinstance(shape, list)
-        or not shape
-        or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape)
-    ):
+    if not isinstance(shape, list) or not shape or not all(is_int(s) and s >= 0 for s in shape):
         raise WireError(f"{what}: shape {shape!r} is not a list of non-negative ints")
     if not isinstance(data, _Bin):
         raise WireError(f"{what}: data is not a bin")

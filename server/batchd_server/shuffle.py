@@ -63,7 +63,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from numpy.typing import NDArray
 
-from batchd.wire import MAX_SEED, check_int
+from batchd.wire import MAX_SEED, check_int, is_int
 
 __all__ = ["MAX_SEED", "EpochPlan", "mix64", "permutation", "split_order", "uniforms"]
 
@@ -106,7 +106,7 @@ def mix64(z: NDArray[np.uint64]) -> NDArray[np.uint64]:
 
 
 def _check_seed(name: str, value: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+    if not is_int(value):
         raise TypeError(f"{name} must be an int in 0..2**63-1, got {type(value).__name__}")
     value = int(value)
     if not 0 <= value <= MAX_SEED:
@@ -129,7 +129,7 @@ def _stream(key: int, n: int) -> NDArray[np.uint64]:
 
 
 def _argsort_stream(n: int, key: int) -> NDArray[np.uint32] | NDArray[np.uint64]:
-    if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 0:
+    if not is_int(n) or n < 0:
         raise ValueError(f"n must be a non-negative int, got {n!r}")
     order = np.argsort(_stream(key, int(n)), kind="quicksort")  # distinct keys: no ties
     if n < 2**32:
@@ -168,9 +168,9 @@ def uniforms(
     Vectorised uint64 arithmetic: about 0.1 us per draw, no Generator per sample.
     """
     key = _key(_AUG_DOMAIN, seed, epoch)
-    if isinstance(stream, bool) or not isinstance(stream, int | np.integer) or stream < 0:
+    if not is_int(stream) or stream < 0:
         raise ValueError(f"stream must be a non-negative int, got {stream!r}")
-    if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 0:
+    if not is_int(n) or n < 0:
         raise ValueError(f"n must be a non-negative int, got {n!r}")
     ids_arr = np.asarray(ids)
     if ids_arr.ndim != 1 or not np.issubdtype(ids_arr.dtype, np.integer):
@@ -280,7 +280,7 @@ class EpochPlan:
 
         IndexError when ``k`` is not in ``0..num_batches-1``.
         """
-        if isinstance(k, bool) or not isinstance(k, int | np.integer):
+        if not is_int(k):
             raise IndexError(f"batch index must be an int, got {k!r}")
         if not 0 <= k < self.num_batches:
             raise IndexError(

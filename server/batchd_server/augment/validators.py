@@ -12,6 +12,8 @@ import math
 from collections.abc import Callable
 from typing import Any
 
+from batchd.wire import is_int
+
 __all__ = ["MAX_SIZE", "Validator"]
 
 MAX_SIZE = 65536
@@ -46,11 +48,11 @@ def float_in(lo: float, hi: float, *, lo_open: bool = False) -> Validator:
 
 def int_in(lo: int, hi: int) -> Validator:
     def check(v: Any, _: str) -> int:
-        if isinstance(v, bool) or not isinstance(v, int):
+        if not is_int(v):
             raise Bad(f"must be an integer in [{lo}, {hi}], got {v!r}")
         if not lo <= v <= hi:
             raise Bad(f"must be an integer in [{lo}, {hi}], got {v!r}")
-        return v
+        return int(v)
 
     return check
 

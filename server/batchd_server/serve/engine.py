@@ -31,7 +31,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from batchd.buffers import Buffers
-from batchd.wire import Layout
+from batchd.wire import Layout, is_int
 
 from ..augment import Pipeline
 from ..errors import (
@@ -90,7 +90,7 @@ class EngineConfig:
             ("max_inflight", 1),
         ):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+            if not is_int(value) or value < lo:
                 raise ConfigError(
                     f"--{name.replace('_', '-')} must be an int >= {lo}, got {value!r}"
                 )
