@@ -7,6 +7,7 @@ fingerprint covers are drawn in :mod:`batchd_server.format`.
 from __future__ import annotations
 
 import json
+import os
 import re
 import struct
 from collections.abc import Mapping
@@ -164,10 +165,19 @@ def fingerprint_of(header: Mapping[str, Any]) -> str:
     return xxhash.xxh3_128_hexdigest(canon.encode())
 
 
-def read_header(path: Path) -> dict[str, Any]:
+def in_dir(dir_fd: int | None) -> Any:
+    """An ``opener`` for :func:`open` that resolves names in the directory ``dir_fd``."""
+    if dir_fd is None:
+        return None
+    return lambda name, flags: os.open(name, flags, dir_fd=dir_fd)
+
+
+def read_header(path: Path, dir_fd: int | None = None) -> dict[str, Any]:
+    """The header of the dataset at ``path`` (read from the directory ``dir_fd`` if given)."""
     hpath = path / HEADER_NAME
     try:
-        raw = hpath.read_bytes()
+        with open(hpath if dir_fd is None else HEADER_NAME, "rb", opener=in_dir(dir_fd)) as f:
+            raw = f.read()
     except FileNotFoundError:
         raise FormatError(
             hpath, "missing: not a batchd dataset (pack one with `batchd pack`)"

@@ -60,6 +60,7 @@ from .header import (
     Encoding,
     FieldSpec,
     fingerprint_of,
+    in_dir,
     read_header,
 )
 
@@ -81,8 +82,10 @@ class Dataset:
     call :meth:`check` before reading if the files could have changed since open.
     """
 
-    def __init__(self, path: Path, header: dict[str, Any]) -> None:
+    def __init__(self, path: Path, header: dict[str, Any], dir_fd: int | None = None) -> None:
+        """``dir_fd``: the directory ``header`` was read from; the files are opened in it."""
         self.path = path
+        self._dir_fd = dir_fd
         self.name = path.name
         self.header = header
         self.count: int = header["count"]
@@ -102,6 +105,7 @@ class Dataset:
         weakref.finalize(self, _close_files, self._files)
         try:
             self._open_all()
+            self._dir_fd = None  # the caller closes it
             self._take_lease()
         except BaseException:
             self.close()
@@ -288,7 +292,11 @@ class Dataset:
                 f"the fields imply {want}",
             )
         try:
-            f = open(fpath, "rb")  # noqa: SIM115 - kept open for check()
+            # Opened in the directory the header came from: a pack swapped in by
+            # rename meanwhile cannot pair the old header with the new files.
+            f = open(  # noqa: SIM115 - kept open for check()
+                fpath if self._dir_fd is None else fname, "rb", opener=in_dir(self._dir_fd)
+            )
         except FileNotFoundError:
             raise FormatError(fpath, "missing: the dataset is incomplete; repack it") from None
         except OSError as exc:
@@ -499,7 +507,14 @@ def open_dataset(path: str | Path) -> Dataset:
         raise FormatError(p, "an unfinished pack's temporary directory, not a dataset; delete it")
     if not p.is_dir():
         raise FormatError(p, "not a directory (a dataset is a directory made by `batchd pack`)")
-    return Dataset(p, read_header(p))
+    try:  # one directory for the header and the files, even if p is renamed meanwhile
+        dir_fd = os.open(p, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise FormatError(p, f"cannot be opened: {exc.strerror}") from None
+    try:
+        return Dataset(p, read_header(p, dir_fd), dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 def verify(path: str | Path, *, progress: bool = False) -> None:

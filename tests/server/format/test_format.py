@@ -388,3 +388,31 @@ def test_verify_progress_goes_to_stderr(ds_path: Path, capsys: pytest.CaptureFix
     verify(ds_path, progress=True)
     err = capsys.readouterr().err
     assert "verify" in err and "100%" in err
+
+
+def test_a_pack_swapped_while_it_opens_pairs_its_header_with_its_own_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A repack renamed into place between the header read and the files' opens.
+
+    Seen under load in tests/reliability: the old header's fingerprint served with the
+    new pack's pixels. The files now come from the directory the header came from.
+    """
+    from batchd_server.format import reader
+    from serverproc import tiny_pack
+
+    live, new = tiny_pack(tmp_path / "ds", seed=0), tiny_pack(tmp_path / "new", seed=1)
+    with open_dataset(live) as ds:
+        old_print, old_images = ds.fingerprint, np.array(ds.array("image"))
+    real = reader.read_header
+
+    def swap_after_reading(path: Path, dir_fd: int | None = None) -> dict[str, Any]:
+        header = real(path, dir_fd)
+        os.rename(live, tmp_path / "old")
+        os.rename(new, live)
+        return header
+
+    monkeypatch.setattr(reader, "read_header", swap_after_reading)
+    with open_dataset(live) as ds:
+        assert ds.fingerprint == old_print
+        np.testing.assert_array_equal(ds.array("image"), old_images)
