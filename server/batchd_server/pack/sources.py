@@ -221,9 +221,12 @@ def read_csv(path: Path, mask_column: str | None) -> Inputs:
 
 
 def _csv_rows(f: Iterable[str]) -> Iterator[tuple[list[str], int]]:
+    """Each row with the line it starts on (a quoted cell may span several lines)."""
     reader = csv.reader(f)
+    start = 1
     for r in reader:
-        yield r, reader.line_num
+        yield r, start
+        start = reader.line_num + 1
 
 
 def _numeric_column(path: Path, name: str, cells: list[tuple[str, int]]) -> NDArray[Any]:

@@ -220,6 +220,8 @@ def test_an_int_too_big_for_int64_is_read_as_float(tmp_path: Path) -> None:
         ("image,y\na.png,1\nb.png,1\nc.png,two\n", None, r"line 4: column 'y' holds 'two'"),
         ("image,y\n\n\na.png, \n", None, r"line 4: column 'y' holds '', not a number"),
         ("image,y\na.png,1\nb.png\n", None, "line 3: 1 cells, the header has 2"),
+        ('image,y\n"a\nb.png",x\nc.png,1\n', None, r"line 2: column 'y' holds 'x'"),
+        ('image,y\n"a\nb.png",1\nc.png\n', None, "line 4: 1 cells, the header has 2"),
         ("image,m\na.png,m.png\n,m.png\n", "m", "line 3: empty 'image' cell"),
         ("image,m\na.png,\n", "m", "line 2: empty mask cell in 'm'"),
         ("image,y\n", None, "a header but no rows"),
