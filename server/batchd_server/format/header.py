@@ -13,7 +13,7 @@ import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, BinaryIO, Literal, cast
 
 import numpy as np
 import xxhash
@@ -165,18 +165,18 @@ def fingerprint_of(header: Mapping[str, Any]) -> str:
     return xxhash.xxh3_128_hexdigest(canon.encode())
 
 
-def in_dir(dir_fd: int | None) -> Any:
-    """An ``opener`` for :func:`open` that resolves names in the directory ``dir_fd``."""
+def open_in(path: Path, dir_fd: int | None) -> BinaryIO:
+    """``path`` opened for reading; with ``dir_fd``, its name is looked up in that directory."""
     if dir_fd is None:
-        return None
-    return lambda name, flags: os.open(name, flags, dir_fd=dir_fd)
+        return open(path, "rb")
+    return open(path.name, "rb", opener=lambda name, flags: os.open(name, flags, dir_fd=dir_fd))
 
 
 def read_header(path: Path, dir_fd: int | None = None) -> dict[str, Any]:
     """The header of the dataset at ``path`` (read from the directory ``dir_fd`` if given)."""
     hpath = path / HEADER_NAME
     try:
-        with open(hpath if dir_fd is None else HEADER_NAME, "rb", opener=in_dir(dir_fd)) as f:
+        with open_in(hpath, dir_fd) as f:
             raw = f.read()
     except FileNotFoundError:
         raise FormatError(

@@ -60,7 +60,7 @@ from .header import (
     Encoding,
     FieldSpec,
     fingerprint_of,
-    in_dir,
+    open_in,
     read_header,
 )
 
@@ -294,9 +294,7 @@ class Dataset:
         try:
             # Opened in the directory the header came from: a pack swapped in by
             # rename meanwhile cannot pair the old header with the new files.
-            f = open(  # noqa: SIM115 - kept open for check()
-                fpath if self._dir_fd is None else fname, "rb", opener=in_dir(self._dir_fd)
-            )
+            f = open_in(fpath, self._dir_fd)  # kept open for check()
         except FileNotFoundError:
             raise FormatError(fpath, "missing: the dataset is incomplete; repack it") from None
         except OSError as exc:
