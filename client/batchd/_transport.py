@@ -28,9 +28,11 @@ mapped copy-on-write (``MAP_PRIVATE``): no byte crosses the socket, pages are sh
 with the server and the other trainers, and the arrays stay writable (a write copies
 that page only).
 A file the server dropped meanwhile (``ENOENT``) or of the wrong size is asked for
-again without the header, once; a path outside /dev/shm, a symlink, a non-regular
-file or one not owned by the server's user (:func:`batchd._peer.peer_uid`) is refused
-(:class:`WireError`); where that user cannot be found, no body is mapped.
+again without the header, once. A first body that is missing (a server in a container
+with its own /dev/shm), or three in a row, turn the header off for that endpoint: one
+wasted round trip, not two requests per batch. A path outside /dev/shm, a symlink, a
+non-regular file or one not owned by the server's user (:func:`batchd._peer.peer_uid`)
+is refused (:class:`WireError`); where that user cannot be found, no body is mapped.
 """
 
 from __future__ import annotations
@@ -81,6 +83,9 @@ _RETRY_STATUSES = frozenset({502, 503, 504})
 _BACKOFF_BASE = 0.05
 _BACKOFF_CAP = 2.0
 _USER_AGENT = "batchd-client/1"
+# Announced shared-memory bodies missing in a row (after one mapped) before an endpoint is
+# asked for bytes only: a cache under pressure evicts one now and then, not three running.
+_SHM_GONE_LIMIT = 3
 #: What a dropped, reset, truncated or timed-out exchange raises; all of it is retried.
 _NETWORK_ERRORS = (OSError, http.client.HTTPException)
 
@@ -161,6 +166,8 @@ def _error_for(status: int, body: NDArray[np.uint8], url: str) -> ServerError:
 class _Health:
     down_until: float = 0.0
     pool: list[http.client.HTTPConnection] = field(default_factory=list)
+    shm_mapped: bool = False  # a shared-memory body of this endpoint has mapped
+    shm_gone: int = 0  # announced bodies found missing in a row
 
 
 def _close_pools(lock: threading.Lock, health: list[_Health], pid: int) -> None:
@@ -280,9 +287,9 @@ class Transport:
         A body file the server dropped meanwhile, or one this user may not open, is
         asked for again as bytes (once, on the same endpoint).
         """
-        ep = self.endpoints[i]
+        ep, health = self.endpoints[i], self._health[i]
         headers = {**self._headers, **extra} if extra else self._headers
-        if not (shm and self._shm and ep.same_host):
+        if not (shm and self._shm and ep.same_host and health.shm_gone < _SHM_GONE_LIMIT):
             return self._exchange(i, target, headers, cancel)
         resp = self._exchange(i, target, {**headers, SHM_HEADER: "1"}, cancel)
         if not resp.is_shm:
@@ -291,11 +298,18 @@ class Transport:
             self._shm = False
         else:
             try:
-                return dataclasses.replace(resp, body=map_shm_body(resp.json(), ep.url, resp.owner))
+                body = map_shm_body(resp.json(), ep.url, resp.owner)
             except ShmGone:
-                pass  # evicted meanwhile: the bytes
+                # Evicted meanwhile, or never there: a server in a container with its own
+                # /dev/shm (another mount namespace) names files this process cannot see.
+                # One miss before any body mapped, or a few in a row, and this endpoint
+                # gets asked for bytes only.
+                health.shm_gone = health.shm_gone + 1 if health.shm_mapped else _SHM_GONE_LIMIT
             except PermissionError:
                 self._shm = False  # another user's server: its files stay closed to us
+            else:
+                health.shm_mapped, health.shm_gone = True, 0
+                return dataclasses.replace(resp, body=body)
         return self._exchange(i, target, headers, cancel)
 
     def _exchange(

@@ -254,8 +254,10 @@ def _dirs(pid: int) -> list[Path]:
     return sorted(SHM_ROOT.glob(f"batchd-{pid}-*"))
 
 
-def _epoch(url: str, epoch: int = 3, **kw: Any) -> list[dict[str, NDArray[Any]]]:
-    with batchd.Client(url, "tiny", batch_size=16, seed=5, augment=AUGMENT, **kw) as c:
+def _epoch(
+    url: str, epoch: int = 3, batch_size: int = 16, **kw: Any
+) -> list[dict[str, NDArray[Any]]]:
+    with batchd.Client(url, "tiny", batch_size=batch_size, seed=5, augment=AUGMENT, **kw) as c:
         return [{k: v.copy() for k, v in b.items()} for b in c.iterate(epoch)]
 
 
@@ -387,19 +389,69 @@ def test_evicted_body_falls_back_to_the_bytes(
     calls: list[str] = []
     real = transport.map_shm_body
 
-    def evict_first(payload: Any, url: str, owner: int) -> NDArray[np.uint8]:
+    def evict_some(payload: Any, url: str, owner: int) -> NDArray[np.uint8]:
         calls.append(payload["path"])
-        os.unlink(payload["path"])  # the server's cache dropped it before we opened it
+        if len(calls) % 2 == 0:
+            os.unlink(payload["path"])  # the server's cache dropped it before we opened it
         return real(payload, url, owner)
 
-    monkeypatch.setattr(transport, "map_shm_body", evict_first)
+    monkeypatch.setattr(transport, "map_shm_body", evict_some)
     with (
         ServerProcess(data, uds=sock, args=SHM) as srv,
         ServerProcess(data, args=["--no-shm"]) as tcp,
     ):
         assert srv.proc is not None
         got, want = _epoch(f"unix://{sock}"), _epoch(tcp.url)
-    assert len(calls) == len(got) == len(want)  # each batch: one shm try, then the bytes
+    assert len(calls) == len(got) == len(want)  # each batch: one shm try, some the bytes
+    _same_batches(got, want)
+
+
+def test_a_server_whose_shared_memory_is_not_visible_gets_asked_for_bytes(
+    data: Path, sock: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A server in a container with its own /dev/shm: no announced file is ever there.
+    # One wasted round trip, then bytes; not an error, and not two requests per batch.
+    calls: list[str] = []
+    real = transport.map_shm_body
+
+    def unseen(payload: Any, url: str, owner: int) -> NDArray[np.uint8]:
+        calls.append(payload["path"])
+        return real({**payload, "path": payload["path"] + "-elsewhere"}, url, owner)
+
+    monkeypatch.setattr(transport, "map_shm_body", unseen)
+    with (
+        ServerProcess(data, uds=sock, args=SHM) as srv,
+        ServerProcess(data, args=["--no-shm"]) as tcp,
+    ):
+        assert srv.proc is not None
+        # One request at a time, so the count is exact (with prefetch, each request sent
+        # before the first answer came back makes its one try too).
+        got, want = _epoch(f"unix://{sock}", prefetch=1), _epoch(tcp.url)
+    assert len(got) > 1 and len(calls) == 1
+    _same_batches(got, want)
+
+
+def test_three_bodies_missing_in_a_row_turn_shared_memory_off(
+    data: Path, sock: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[str] = []
+    real = transport.map_shm_body
+
+    def lose_after_first(payload: Any, url: str, owner: int) -> NDArray[np.uint8]:
+        calls.append(payload["path"])
+        if len(calls) > 1:
+            os.unlink(payload["path"])
+        return real(payload, url, owner)
+
+    monkeypatch.setattr(transport, "map_shm_body", lose_after_first)
+    with (
+        ServerProcess(data, uds=sock, args=SHM) as srv,
+        ServerProcess(data, args=["--no-shm"]) as tcp,
+    ):
+        assert srv.proc is not None
+        got = _epoch(f"unix://{sock}", prefetch=1, batch_size=4)
+        want = _epoch(tcp.url, batch_size=4)
+    assert len(got) > 4 and len(calls) == 4  # one mapped, three gone, then bytes only
     _same_batches(got, want)
 
 
