@@ -187,7 +187,7 @@ def test_dockerfile_healthcheck_is_exec_form_on_healthz() -> None:
     assert "--interval" in options and "--timeout" in options
     argv = json.loads(cmd)
     assert argv[:2] == ["python", "-c"], "slim images have no curl: use python's urllib"
-    assert f"127.0.0.1:{PORT}/healthz" in argv[2]
+    assert "127.0.0.1:{port}/healthz" in argv[2] and f"or '{PORT}'" in argv[2]
 
 
 def test_every_copied_path_exists_and_reaches_the_build() -> None:
@@ -280,7 +280,7 @@ def test_compose_server_service() -> None:
     grace = int(svc["stop_grace_period"].rstrip("s"))
     assert grace > _GRACEFUL_S, "compose must wait longer than the server drains"
     test = svc["healthcheck"]["test"]
-    assert test[0] == "CMD" and f"127.0.0.1:{PORT}/healthz" in test[-1]
+    assert test[0] == "CMD" and "127.0.0.1:{port}/healthz" in test[-1]
     (image_hc,) = instructions("HEALTHCHECK")
     assert json.loads(image_hc.partition(" CMD ")[2]) == test[1:], "one healthcheck, two places"
 
@@ -416,15 +416,18 @@ def test_healthcheck_command_tells_up_from_down(health_server: int) -> None:
     (hc,) = instructions("HEALTHCHECK")
     argv = json.loads(hc.partition(" CMD ")[2])
     argv[0] = sys.executable
-    up = [a.replace(f":{PORT}/", f":{health_server}/") for a in argv]
-    assert subprocess.run(up, capture_output=True, timeout=30).returncode == 0
-    wrong_path = [a.replace("/healthz", "/nope") for a in up]
-    assert subprocess.run(wrong_path, capture_output=True, timeout=30).returncode != 0
+
+    def check(args: list[str], port: int) -> int:
+        env = {**os.environ, "BATCHD_PORT": str(port)}  # the server's port, as in the image
+        return subprocess.run(args, capture_output=True, timeout=30, env=env).returncode
+
+    assert check(argv, health_server) == 0
+    wrong_path = [a.replace("/healthz", "/nope") for a in argv]
+    assert check(wrong_path, health_server) != 0
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         dead = s.getsockname()[1]
-    down = [a.replace(f":{PORT}/", f":{dead}/") for a in argv]
-    assert subprocess.run(down, capture_output=True, timeout=30).returncode != 0
+    assert check(argv, dead) != 0
 
 
 # --- Kubernetes --------------------------------------------------------------------------
