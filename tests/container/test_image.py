@@ -93,6 +93,8 @@ def test_it_runs_as_uid_10001_on_a_read_only_root(served: Served, image: str) ->
     with pytest.raises(RuntimeError, match="Read-only file system"):
         served.docker("exec", served.cid, "touch", "/usr/probe")
     served.docker("exec", served.cid, "touch", "/tmp/probe")  # the tmpfs is writable
+    tools = "command -v gcc cc make g++ || true"  # the runtime image holds no build tools
+    assert served.docker("exec", served.cid, "sh", "-c", tools) == ""
 
 
 def test_the_healthcheck_reaches_healthy(served: Served) -> None:
