@@ -8,10 +8,12 @@ the last one stops the container. The engine, base and image come from conftest.
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import threading
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -173,10 +175,33 @@ def test_docker_restart_mid_epoch_loses_nothing(served: Served) -> None:
     assert restarted["took_s"] < 15, f"docker restart took {restarted['took_s']:.1f} s"
 
 
-def test_docker_stop_drains_and_exits_0(served: Served) -> None:
-    started = time.monotonic()
-    served.docker("stop", "--time", "30", served.cid, timeout=60)
-    stopped_s = time.monotonic() - started
-    assert stopped_s < 10, f"SIGTERM took {stopped_s:.1f} s to drain and exit"
+def test_docker_stop_finishes_the_response_in_flight_and_exits_0(served: Served) -> None:
+    # The whole pack as one 25 MB batch, read slowly: most of it is still to be sent when
+    # SIGTERM arrives. It must arrive whole, and the server exit 0 well inside the grace.
+    conn = http.client.HTTPConnection(served.url.removeprefix("http://"), timeout=30)
+    query = urllib.parse.urlencode({"batch_size": N, "seed": 1, "epoch": 0})
+    conn.request(
+        "GET", f"/v1/datasets/tiny/batches/0?{query}", headers={"Authorization": f"Bearer {TOKEN}"}
+    )
+    resp = conn.getresponse()
+    length = int(resp.headers["Content-Length"])
+    got = len(resp.read(1 << 16))
+    stop: dict[str, float] = {}
+
+    def docker_stop() -> None:
+        started = time.monotonic()
+        served.docker("stop", "--time", "30", served.cid, timeout=60)
+        stop["took_s"] = time.monotonic() - started
+
+    thread = threading.Thread(target=docker_stop)
+    thread.start()
+    time.sleep(0.5)  # SIGTERM is in
+    while chunk := resp.read(1 << 18):
+        got += len(chunk)
+        time.sleep(0.005)
+    conn.close()
+    thread.join()
+    assert length > N * HW * HW * 3 and got == length, (got, length)
+    assert stop["took_s"] < 10, f"SIGTERM took {stop['took_s']:.1f} s to drain and exit"
     code = served.docker("inspect", "-f", "{{.State.ExitCode}}", served.cid)
     assert code == "0", f"exit code {code}; log:\n{served.logs()[-2000:]}"
