@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import mmap
 import os
+import re
 import stat
+import weakref
+from collections import deque
 from typing import Any
 
 import numpy as np
@@ -19,7 +22,13 @@ from numpy.typing import NDArray
 from ._exceptions import WireError
 from .wire import SHM_ROOT, is_int
 
-__all__ = ["ShmGone", "map_shm_body"]
+__all__ = ["ShmGone", "give_back_when_unmapped", "map_shm_body"]
+
+_TOKEN = re.compile(r"[0-9a-f]{1,64}")
+# Bumped before every fork: a body mapped before one may live on in the child, where this
+# process's arrays dying says nothing about it; such a body is never given back.
+_forks = [0]
+os.register_at_fork(before=lambda: _forks.__setitem__(0, _forks[0] + 1))
 
 
 class ShmGone(Exception):
@@ -71,3 +80,23 @@ def map_shm_body(payload: Any, url: str, owner: int) -> NDArray[np.uint8]:
     finally:
         os.close(fd)
     return np.frombuffer(mm, dtype=np.uint8)
+
+
+def give_back_when_unmapped(body: NDArray[np.uint8], payload: Any, queue: deque[str]) -> None:
+    """Queue the answer's ``release`` token once ``body`` and every view of it are gone.
+
+    The transport sends queued tokens with a later request (``X-Batchd-Shm-Release``),
+    and only then may the server rewrite the file. Every array decoded from the body,
+    ``torch.from_numpy`` of one, and any memoryview keep ``body`` alive, so a token is
+    only queued when nothing in this process can read the mapping any more. A body
+    mapped before a fork is never given back; nor is one from a server that sent no
+    token (it never rewrites files).
+    """
+    token = payload.get("release") if isinstance(payload, dict) else None
+    if isinstance(token, str) and _TOKEN.fullmatch(token):
+        weakref.finalize(body, _unmapped, queue, token, os.getpid(), _forks[0])
+
+
+def _unmapped(queue: deque[str], token: str, pid: int, forks: int) -> None:
+    if os.getpid() == pid and _forks[0] == forks:
+        queue.append(token)  # deque.append is atomic: any thread may drop the last view

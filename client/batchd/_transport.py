@@ -26,7 +26,9 @@ socket or a loopback address) answers ``application/x-batchd-shm+json`` naming t
 shared-memory file that holds the finished body instead of sending it. The file is
 mapped copy-on-write (``MAP_PRIVATE``): no byte crosses the socket, pages are shared
 with the server and the other trainers, and the arrays stay writable (a write copies
-that page only).
+that page only). Once every array over a mapping is gone, the answer's ``release``
+token goes back with the next batch request to that server (``X-Batchd-Shm-Release``),
+and the server may then recycle the file.
 A file the server dropped meanwhile (``ENOENT``) or of the wrong size is asked for
 again without the header, once. A first body that is missing (a server in a container
 with its own /dev/shm), or three in a row, turn the header off for that endpoint: one
@@ -47,6 +49,7 @@ import threading
 import time
 import urllib.parse
 import weakref
+from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -65,9 +68,9 @@ from ._exceptions import (
     UnavailableError,
 )
 from ._peer import peer_uid
-from ._shm import ShmGone, map_shm_body
+from ._shm import ShmGone, give_back_when_unmapped, map_shm_body
 from .buffers import Buffers
-from .wire import SHM_HEADER, SHM_MEDIA
+from .wire import MAX_SHM_RELEASES, SHM_HEADER, SHM_MEDIA, SHM_RELEASE_HEADER
 
 __all__ = [
     "Cancel",
@@ -168,6 +171,8 @@ class _Health:
     pool: list[http.client.HTTPConnection] = field(default_factory=list)
     shm_mapped: bool = False  # a shared-memory body of this endpoint has mapped
     shm_gone: int = 0  # announced bodies found missing in a row
+    # release tokens of bodies no longer mapped, to send with the next batch request
+    shm_unmapped: deque[str] = field(default_factory=lambda: deque(maxlen=4096))
 
 
 def _close_pools(lock: threading.Lock, health: list[_Health], pid: int) -> None:
@@ -291,14 +296,20 @@ class Transport:
         headers = {**self._headers, **extra} if extra else self._headers
         if not (shm and self._shm and ep.same_host and health.shm_gone < _SHM_GONE_LIMIT):
             return self._exchange(i, target, headers, cancel)
-        resp = self._exchange(i, target, {**headers, SHM_HEADER: "1"}, cancel)
+        ask = {**headers, SHM_HEADER: "1"}
+        unmapped = health.shm_unmapped
+        if unmapped and os.getpid() == self._pid:
+            tokens = [unmapped.popleft() for _ in range(min(len(unmapped), MAX_SHM_RELEASES))]
+            ask[SHM_RELEASE_HEADER] = " ".join(tokens)  # lost if this fails: merely unlinked
+        resp = self._exchange(i, target, ask, cancel)
         if not resp.is_shm:
             return resp
         if resp.owner is None:  # whose files these are cannot be told: never map them
             self._shm = False
         else:
             try:
-                body = map_shm_body(resp.json(), ep.url, resp.owner)
+                payload = resp.json()
+                body = map_shm_body(payload, ep.url, resp.owner)
             except ShmGone:
                 # Evicted meanwhile, or never there: a server in a container with its own
                 # /dev/shm (another mount namespace) names files this process cannot see.
@@ -309,6 +320,7 @@ class Transport:
                 self._shm = False  # another user's server: its files stay closed to us
             else:
                 health.shm_mapped, health.shm_gone = True, 0
+                give_back_when_unmapped(body, payload, unmapped)
                 return dataclasses.replace(resp, body=body)
         return self._exchange(i, target, headers, cancel)
 

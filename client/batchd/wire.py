@@ -59,6 +59,7 @@ __all__ = [
     "ALLOWED_DTYPES",
     "CLIENT_HEADER",
     "MAX_SEED",
+    "MAX_SHM_RELEASES",
     "MAX_SPLIT_CHARS",
     "MAX_SPLIT_PARTS",
     "MAX_WORLD_SIZE",
@@ -66,6 +67,7 @@ __all__ = [
     "PROTOCOL_VERSION",
     "SHM_HEADER",
     "SHM_MEDIA",
+    "SHM_RELEASE_HEADER",
     "SHM_ROOT",
     "WAIT_HEADER",
     "Batch",
@@ -92,6 +94,11 @@ MSGPACK_MEDIA = "application/msgpack"
 SHM_MEDIA = "application/x-batchd-shm+json"
 #: The request header (value ``1``) by which a same-host client asks for that answer.
 SHM_HEADER = "X-Batchd-Shm"
+#: The request header by which a same-host client gives back shared-memory bodies it no
+#: longer maps: the ``release`` tokens of earlier answers, space-separated, at most
+#: ``MAX_SHM_RELEASES``. Only then may the server rewrite a file (recycle it).
+SHM_RELEASE_HEADER = "X-Batchd-Shm-Release"
+MAX_SHM_RELEASES = 32
 #: The optional request header naming one trainer process (1-64 of ``A-Za-z0-9._-``), so
 #: the server can tell how many trainers share a job; generic clients leave it out.
 CLIENT_HEADER = "X-Batchd-Client"

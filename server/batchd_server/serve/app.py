@@ -32,10 +32,12 @@ from batchd import __version__
 from batchd.wire import (
     CLIENT_HEADER,
     MAX_SEED,
+    MAX_SHM_RELEASES,
     MAX_SPLIT_CHARS,
     MAX_WORLD_SIZE,
     MSGPACK_MEDIA,
     SHM_MEDIA,
+    SHM_RELEASE_HEADER,
     WAIT_HEADER,
     is_loopback_host,
 )
@@ -320,6 +322,9 @@ def create_app(engine: Engine, *, token: str | None = None) -> FastAPI:
         stratify: Stratify = None,
     ) -> Response:
         start = time.perf_counter()
+        released = request.headers.get(SHM_RELEASE_HEADER)
+        if released and engine.shm is not None:  # tokens of bodies this client unmapped
+            engine.shm.release(released.split()[:MAX_SHM_RELEASES])
         served = await engine.batch(
             BatchRequest(
                 dataset=name,
@@ -359,12 +364,13 @@ def create_app(engine: Engine, *, token: str | None = None) -> FastAPI:
             and request.headers.get("x-batchd-shm") == "1"
             and _same_host(request)
         ):
-            path = engine.shm.path_of(served.body)
-            if path is not None:
+            lent = engine.shm.lend(served.body)
+            if lent is not None:
                 ref = {
-                    "path": path,
+                    "path": lent[0],
                     "length": served.body.nbytes,
                     "fingerprint": served.fingerprint,
+                    "release": lent[1],
                 }
                 return Response(json.dumps(ref).encode(), media_type=SHM_MEDIA, headers=headers)
         # A memoryview body is sent as it is: Starlette and uvicorn never copy it.

@@ -315,7 +315,7 @@ def serve(
     if same_host and shm is not False:
         from .shm import ShmArena
 
-        arena = ShmArena(min_bytes=shm_min_bytes)
+        arena = ShmArena(idle_bytes=memory.idle_body_bytes, min_bytes=shm_min_bytes)
         log.info(
             "batch bodies of %d bytes and more in shared memory under %s, at most %d files "
             "(--no-shm to turn off)",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
-__all__ = ["DatasetStatus", "JobStatus", "ServerStatus", "Status"]
+__all__ = ["DatasetStatus", "JobStatus", "ServerStatus", "ShmStatus", "Status"]
 
 
 class DatasetStatus(BaseModel):
@@ -50,6 +50,16 @@ class JobStatus(BaseModel):
     sparkline: list[float] = Field(description="images/s per 5 s over the last 5 minutes")
 
 
+class ShmStatus(BaseModel):
+    """Shared-memory body files (docs/protocol.md, "Shared-memory bodies")."""
+
+    files: int = Field(description="body files now, free ones included")
+    free: int = Field(description="files waiting to be recycled")
+    lent: int = Field(description="answers naming a file whose client has not released it")
+    new: int = Field(description="bodies written to a new file so far")
+    recycled: int = Field(description="bodies gathered straight into a recycled file so far")
+
+
 class ServerStatus(BaseModel):
     """The process: load, cache, read-ahead and answers."""
 
@@ -73,6 +83,7 @@ class ServerStatus(BaseModel):
     decoders: dict[str, str] = Field(
         description="the library (and version) decoding encoded images: jpeg, other"
     )
+    shm: ShmStatus | None = Field(description="null where bodies are not in shared memory")
 
 
 class Status(BaseModel):

@@ -342,6 +342,7 @@ class Overview:
                 "responses_4xx": int(m.total(m.responses, status="4xx")),
                 "responses_5xx": int(m.total(m.responses, status="5xx")),
                 "decoders": dict(DECODERS),
+                "shm": None if self.engine.shm is None else self.engine.shm.stats(),
             },
         }
 

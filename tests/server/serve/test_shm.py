@@ -62,6 +62,11 @@ def _files(a: ShmArena | Path) -> list[str]:
 # --- the arena ---------------------------------------------------------------------------
 
 
+def _counts(a: ShmArena) -> tuple[int, int, int]:
+    st = a.stats()
+    return st["files"], st["free"], st["lent"]
+
+
 def _sealed(a: ShmArena, n: int, fill: int = 0) -> NDArray[np.uint8]:
     scratch = a.allocate(n)
     scratch[:] = fill
@@ -90,25 +95,78 @@ def test_seal_is_a_shared_file_of_exactly_the_body(arena: ShmArena) -> None:
     assert body.tobytes() == want
 
 
-def test_file_is_unlinked_when_the_body_and_its_views_die(arena: ShmArena) -> None:
+def test_a_lent_file_is_unlinked_when_the_body_and_its_views_die(arena: ShmArena) -> None:
     body = _sealed(arena, 4096)
-    path = arena.path_of(body)
-    assert path is not None
+    lent = arena.lend(body)
+    assert lent is not None and lent[0] == arena.path_of(body)
+    path = lent[0]
     view = body[100:200].view(np.uint16)  # e.g. a decoded field
     del body
     gc.collect()
     assert os.path.exists(path), "a live view must keep the body's file"
     del view
+    # Lent and never given back (a client still maps it, or died): never rewritten.
     assert not os.path.exists(path)
-    assert _files(arena) == []
+    assert _files(arena) == [] and arena.stats()["files"] == arena.stats()["lent"] == 0
 
 
-def test_cache_eviction_unlinks_the_evicted_body_only(arena: ShmArena) -> None:
+def test_a_file_given_back_is_recycled_under_a_new_name(arena: ShmArena) -> None:
+    body = _sealed(arena, 4096, fill=1)
+    path, token = arena.lend(body) or ("", "")
+    assert arena.release([token]) == 1 and arena.release([token]) == 0  # counted once
+    del body
+    assert os.path.exists(path) and arena.stats()["free"] == 1  # kept, pages and all
+    buf = arena.allocate(4096)
+    buf[:] = 2  # gathered straight into the file
+    again = arena.seal(buf)
+    new = arena.path_of(again)
+    assert new is not None and new != path and not os.path.exists(path)
+    assert Path(new).read_bytes() == b"\x02" * 4096 and not again.flags.writeable
+    assert arena.stats()["new"] == 1 and arena.stats()["recycled"] == 1
+    assert arena.allocate(8192).size == 8192  # another size: not that file
+
+
+def test_a_body_never_named_to_a_client_is_recycled(arena: ShmArena) -> None:
+    body = _sealed(arena, 4096)
+    del body
+    assert _counts(arena) == (1, 1, 0)
+    buf = arena.allocate(4096)
+    del buf  # the gather failed: the file goes back, unsealed, never named
+    assert arena.stats()["free"] == 1
+
+
+def test_releases_count_only_tokens_this_arena_lent(arena: ShmArena) -> None:
+    body = _sealed(arena, 4096)
+    path, token = arena.lend(body) or ("", "")
+    assert arena.release(["0" * 16, path, "", token + "0"]) == 0
+    assert arena.stats()["lent"] == 1
+    second = arena.lend(body)
+    assert second is not None and second[1] != token  # one token per answer
+    assert arena.release([token]) == 1
+    del body
+    assert not os.path.exists(path)  # the second client has not given it back
+
+
+def test_at_most_idle_bytes_of_files_wait_for_recycling() -> None:
+    a = ShmArena(min_bytes=0, idle_bytes=4096)
+    try:
+        bodies = [_sealed(a, 4096) for _ in range(3)]
+        paths = [a.path_of(b) for b in bodies]
+        while bodies:
+            del bodies[0]  # the first to die takes the one free place
+        assert [os.path.exists(str(p)) for p in paths] == [True, False, False]
+        assert _counts(a) == (1, 1, 0)
+    finally:
+        a.close()
+
+
+def test_cache_eviction_unlinks_the_evicted_lent_body_only(arena: ShmArena) -> None:
     cache: ByteLRU[int] = ByteLRU(capacity=2 * 4096)
     paths = []
     for k in range(3):
         body = _sealed(arena, 4096, k)
         paths.append(arena.path_of(body))
+        arena.lend(body)
         cache.put(k, body)
     del body
     gc.collect()
@@ -287,7 +345,7 @@ def test_shm_epoch_is_exactly_once_and_identical_to_the_bytes(data: Path, sock: 
         assert shm.status_code == 200
         assert shm.headers["content-type"] == transport.SHM_MEDIA
         ref = shm.json()
-        assert set(ref) == {"path", "length", "fingerprint"}
+        assert set(ref) == {"path", "length", "fingerprint", "release"}
         assert Path(ref["path"]).parent in _dirs(srv.proc.pid)
         assert ref["fingerprint"] == shm.headers["x-batchd-fingerprint"]
         assert plain.headers["content-type"] == "application/msgpack"
@@ -452,6 +510,48 @@ def test_three_bodies_missing_in_a_row_turn_shared_memory_off(
         got = _epoch(f"unix://{sock}", prefetch=1, batch_size=4)
         want = _epoch(tcp.url, batch_size=4)
     assert len(got) > 4 and len(calls) == 4  # one mapped, three gone, then bytes only
+    _same_batches(got, want)
+
+
+def test_bodies_a_trainer_still_holds_are_never_rewritten(data: Path, sock: Path) -> None:
+    # A cache of three bodies: each later epoch evicts and recycles the files of the one
+    # before, while the trainer keeps every array of epoch 3 (views over the mappings).
+    args = [*SHM, "--cache-bytes", str(3 * 16 * 12 * 12 * 3 + 3000), "--readahead", "1"]
+    with (
+        ServerProcess(data, uds=sock, args=args) as srv,
+        ServerProcess(data, args=["--no-shm"]) as tcp,
+        batchd.Client(f"unix://{sock}", "tiny", batch_size=16, seed=5, augment=AUGMENT) as c,
+    ):
+        held = list(c.iterate(3))
+        assert all(_mapped(b["image"]) for b in held)
+        kept = [{k: v.copy() for k, v in b.items()} for b in held]
+        for epoch in range(4, 10):
+            for _ in c.iterate(epoch):
+                pass  # dropped at once: given back, and recycled
+        with srv.client() as http:
+            shm = http.get("/v1/status").json()["server"]["shm"]
+        want = _epoch(tcp.url)
+    assert shm["recycled"] > 0, shm  # or this checks nothing
+    _same_batches(held, kept)  # not one byte of a held body changed
+    _same_batches(held, want)
+
+
+def test_a_trainer_that_never_gives_bodies_back_gets_fresh_files(
+    data: Path, sock: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An old client (or curl) never sends X-Batchd-Shm-Release: nothing it was named
+    # is ever rewritten; its files are unlinked when the cache lets go of them.
+    monkeypatch.setattr(transport, "give_back_when_unmapped", lambda *a: None)
+    args = [*SHM, "--cache-bytes", str(3 * 16 * 12 * 12 * 3 + 3000), "--readahead", "1"]
+    with (
+        ServerProcess(data, uds=sock, args=args) as srv,
+        ServerProcess(data, args=["--no-shm"]) as tcp,
+    ):
+        got = [b for e in range(3, 7) for b in _epoch(f"unix://{sock}", epoch=e)]
+        with srv.client() as http:
+            shm = http.get("/v1/status").json()["server"]["shm"]
+        want = [b for e in range(3, 7) for b in _epoch(tcp.url, epoch=e)]
+    assert shm["recycled"] == 0 and shm["new"] >= len(got), shm
     _same_batches(got, want)
 
 
