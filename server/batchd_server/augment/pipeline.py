@@ -360,13 +360,24 @@ class Pipeline:
         rows_ids = np.asarray(ids)[rows.start : rows.stop : rows.step]
         codes = self._windows(plan.source_hw, rows_ids, seed, epoch).flip_codes()
         targets = [(out[name], plan.cv_shapes[name]) for name in plan.images + plan.masks]
-        for k in np.flatnonzero(codes != 2).tolist():
-            r, code = rows[k], int(codes[k])
+        where = np.arange(rows.start, rows.stop, rows.step)
+        # One pass per flip code, not a Python call per row: the rows to flip are copied
+        # out together, stacked into one tall image and mirrored by one cv2.flip (a
+        # horizontal flip mirrors every row of pixels, so every stacked sample at once);
+        # a vertical flip reverses each sample's rows with numpy. Then copied back.
+        for code in (1, 0, -1):
+            sel = where[codes == code]
+            if not sel.size:
+                continue
             for buf, shape in targets:
-                dst = np.reshape(buf[r], shape, copy=False)
-                # OpenCV flips in place by swapping mirrored pairs (pinned by a test)
-                if cv2.flip(dst, code, dst=dst) is not dst:
-                    raise AssertionError("cv2.flip did not write in place")
+                block = buf[sel].reshape(len(sel), shape[0], -1)
+                if code != 1:
+                    block = np.ascontiguousarray(block[:, ::-1])
+                if code != 0:
+                    tall = block.reshape(len(sel) * shape[0], *shape[1:])
+                    if cv2.flip(tall, 1, dst=tall) is not tall:
+                        raise AssertionError("cv2.flip did not write in place")
+                buf[sel] = block.reshape(buf[sel].shape)
 
     def run(
         self,

@@ -18,6 +18,7 @@ otherwise with ``preadv``.
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -59,14 +60,14 @@ def body_layout(
 
 def row_bytes(fields: Fields) -> int:
     """Body bytes per sample: its sample id and every output field."""
-    return 8 + sum(dt.itemsize * int(np.prod(shape)) for dt, shape in fields.values())
+    return 8 + sum(dt.itemsize * math.prod(shape) for dt, shape in fields.values())
 
 
 def row_chunks(rows: int, parts: int) -> list[tuple[int, int]]:
     """``rows`` split into at most ``parts`` ranges of at least a few rows each."""
     parts = max(1, min(parts, rows // _MIN_ROWS_PER_CHUNK or 1))
-    bounds = np.linspace(0, rows, parts + 1).astype(int)
-    return [(int(a), int(b)) for a, b in itertools.pairwise(bounds) if b > a]
+    bounds = [rows * i // parts for i in range(parts + 1)]  # as even as integers allow
+    return [(a, b) for a, b in itertools.pairwise(bounds) if b > a]
 
 
 def filler(
