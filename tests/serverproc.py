@@ -27,7 +27,7 @@ from types import TracebackType
 
 import httpx
 
-__all__ = ["ServerProcess", "free_port", "tiny_pack"]
+__all__ = ["ServerProcess", "batchd_top", "free_port", "tiny_pack"]
 
 _START_TIMEOUT = 60.0  # a cold start imports fastapi, uvicorn, numpy and cv2
 _STOP_TIMEOUT = 15.0  # uvicorn drains for up to 10 s on SIGTERM
@@ -189,3 +189,11 @@ def tiny_pack(
         progress=False,
     )
     return Path(out)
+
+
+def batchd_top(url: str, *, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """``batchd top --once --url URL`` as a user runs it: its output, as text."""
+    cmd = [sys.executable, "-c", "from batchd_server.cli import main; main()", "top", "--once"]
+    return subprocess.run(
+        [*cmd, "--url", url], capture_output=True, text=True, timeout=60, check=check
+    )

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 
 from batchd.wire import decode_batch
 from batchd_server.format import lease
@@ -71,7 +72,13 @@ def test_release_waits_for_the_reads_in_progress(tmp_path: Path) -> None:
     assert held.why == "test"
 
 
-def test_no_lease_unless_the_process_handles_sigio(tmp_path: Path) -> None:
+def test_no_lease_unless_the_process_handles_sigio(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # install() is per process and for good: a test that ran `batchd serve` in this
+    # process (test_serve_cli.py, through CliRunner) has installed it. Pin the state of
+    # a process that never did.
+    monkeypatch.setattr(lease, "_wake", None)
     assert not lease.enabled()  # SIGIO's default action kills: never lease without install()
     path = tmp_path / "f"
     path.write_bytes(b"x")

@@ -8,8 +8,6 @@ stalls over 75% (the rest is the loop's own work between batches).
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -19,10 +17,9 @@ import httpx
 import pytest
 
 import batchd
-from serverproc import ServerProcess, tiny_pack
+from serverproc import ServerProcess, batchd_top, tiny_pack
 
 TOKEN = "s3cret-status-token"
-TOP = [sys.executable, "-c", "from batchd_server.cli import main; main()", "top", "--once"]
 
 
 @pytest.fixture(scope="module")
@@ -153,25 +150,14 @@ def test_status_is_in_the_openapi_schema(server: ServerProcess) -> None:
 
 def test_top_once_prints_the_job(server: ServerProcess) -> None:
     list(batchd.Client(server.url, "tiny", batch_size=400, seed=51).iterate(0))
-    out = subprocess.run(
-        [*TOP, "--url", server.url],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    ).stdout
+    out = batchd_top(server.url).stdout
     (line,) = [ln for ln in out.splitlines() if ln.startswith("tiny") and " 51 " in ln]
     assert "10/10" in line.split()
     assert any(ln.startswith("notapack") and "unavailable" in ln for ln in out.splitlines())
 
 
 def test_top_says_when_no_server_answers() -> None:
-    got = subprocess.run(
-        [*TOP, "--url", "http://127.0.0.1:9"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    got = batchd_top("http://127.0.0.1:9", check=False)
     assert got.returncode == 1 and got.stderr.startswith("error:") and "127.0.0.1:9" in got.stderr
 
 

@@ -8,8 +8,6 @@ launched by path; where it (or Playwright) is missing the tests skip and say whi
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -19,7 +17,7 @@ from typing import Any
 import pytest
 
 import batchd
-from serverproc import ServerProcess, tiny_pack
+from serverproc import ServerProcess, batchd_top, tiny_pack
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 if CHROMIUM is None:
@@ -32,7 +30,6 @@ sync_api = pytest.importorskip(
 )
 
 TOKEN = "page-test-token"
-TOP = [sys.executable, "-c", "from batchd_server.cli import main; main()", "top", "--once"]
 
 
 @pytest.fixture(scope="module")
@@ -105,13 +102,7 @@ def test_the_page_shows_the_live_job_and_its_counter_advances(data: Path, browse
             assert cells == f"{job['batch'] + 1} / {job['num_batches']}"
             assert page.text_content("tr.job td.epoch") == str(job["epoch"])
             assert page.text_content("tr.job td.trainers") == str(job["trainers"]) == "1"
-            top = subprocess.run(
-                [*TOP, "--url", srv.url],
-                capture_output=True,
-                text=True,
-                timeout=60,
-                check=True,
-            ).stdout
+            top = batchd_top(srv.url).stdout
             (line,) = [ln for ln in top.splitlines() if ln.startswith("tiny ") and "/1 " in ln]
             assert f"{job['batch'] + 1}/{job['num_batches']}" in line.split()
             assert errors == []
