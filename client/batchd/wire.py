@@ -42,6 +42,7 @@ views where the gather writes the pixels, so a batch is built in its final buffe
 from __future__ import annotations
 
 import ipaddress
+import math
 import re
 import struct
 from collections.abc import Callable, Mapping, Sequence
@@ -331,7 +332,7 @@ def layout(
             offset += len(piece)
             continue
         name, dt, shape = piece
-        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dt).itemsize
+        nbytes = math.prod(shape) * np.dtype(dt).itemsize
         head = (
             packer.pack_map_header(4)
             + packer.pack("dtype")
@@ -351,13 +352,13 @@ def layout(
     body = np.empty(offset, dtype=np.uint8) if alloc is None else alloc(offset)
     if body.shape != (offset,) or body.dtype != np.uint8 or not body.flags.writeable:
         raise ValueError(f"alloc({offset}) must return a writable uint8 array of that length")
-    pos = 0
+    pos, raw = 0, memoryview(body).cast("B")  # type: ignore[arg-type]
     for chunk, skip in chunks:
-        body[pos : pos + len(chunk)] = np.frombuffer(chunk, dtype=np.uint8)
+        raw[pos : pos + len(chunk)] = chunk
         pos += len(chunk) + skip
     views: dict[str, NDArray[Any]] = {}
     for name, (start, dt, shape) in regions.items():
-        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dt).itemsize
+        nbytes = math.prod(shape) * np.dtype(dt).itemsize
         views[name] = body[start : start + nbytes].view(dt).reshape(shape)
     index = views.pop("index")
     return Layout(body=body, index=index, fields=views)
