@@ -61,7 +61,7 @@ from .shm import ShmArena
 from .splits import SplitIds
 from .status import ClientMark, JobBoard, job_label
 
-__all__ = ["Engine", "EngineConfig", "Served"]
+__all__ = ["Engine", "EngineConfig", "Prepared", "Served"]
 
 log = logging.getLogger("batchd.engine")
 
@@ -119,7 +119,7 @@ class _Flight:
 
 
 @dataclass(frozen=True, slots=True)
-class _Prepared:
+class Prepared:
     """A validated request: what to compute and under which key."""
 
     req: BatchRequest
@@ -133,7 +133,7 @@ class _Prepared:
     """The split's pack ids; the plan's positions index it (None: the whole pack)."""
 
 
-def _pack_ids(prep: _Prepared, order: NDArray[np.integer] | None, k: int) -> NDArray[np.int64]:
+def _pack_ids(prep: Prepared, order: NDArray[np.integer] | None, k: int) -> NDArray[np.int64]:
     """Batch ``k``'s pack ids: the plan's positions index the split when there is one."""
     ids = prep.plan.batch_ids(order, k)
     return ids if prep.split is None else prep.split[ids].astype(np.int64)
@@ -234,12 +234,16 @@ class Engine:
         self.memory.place(ds)
         return ds
 
-    def _prepare(
+    def prepare(
         self, req: BatchRequest, ds: Dataset, split: NDArray[np.integer] | None = None
-    ) -> _Prepared:
+    ) -> Prepared:
+        """``req`` checked against ``ds`` (pipeline, fields, body cap) and keyed; not its ``k``.
+
+        ``split`` is the split's pack ids (None: the whole pack). A batch then checks
+        ``req.k`` against the plan; ``GET /v1/datasets/{name}`` reports the plan.
+        """
         pipeline = self.pipeline(req.augment)
         plan = req.plan(ds.count if split is None else len(split))
-        req.check_k(plan)
         out_fields = self.output_fields(ds, pipeline)
         per_sample = row_bytes(out_fields)
         cap = self.config.max_batch_bytes
@@ -264,7 +268,7 @@ class Engine:
             pipeline.canonical,
             req.split_key,
         )
-        return _Prepared(req, ds, plan, pipeline, out_fields, (*job, req.k), job, split)
+        return Prepared(req, ds, plan, pipeline, out_fields, (*job, req.k), job, split)
 
     # --- serving ----------------------------------------------------------------
 
@@ -288,7 +292,8 @@ class Engine:
 
     async def _batch(self, req: BatchRequest, mark: ClientMark | None) -> Served:
         ds = await self.dataset(req.dataset)
-        prep = self._prepare(req, ds, await self.split_ids.ids(ds, req))
+        prep = self.prepare(req, ds, await self.split_ids.ids(ds, req))
+        req.check_k(prep.plan)
         label = job_label(req.dataset, prep.job)
         self.metrics.job_progress(label, req.k)
         source: Literal["hit", "miss", "join"]
@@ -333,14 +338,14 @@ class Engine:
             "threads": self.config.threads,
         }
 
-    def _start(self, prep: _Prepared, priority: int) -> _Flight:
+    def _start(self, prep: Prepared, priority: int) -> _Flight:
         flight = _Flight(priority)
         flight.task = asyncio.get_running_loop().create_task(self._compute_into_cache(prep, flight))
         self._flights[prep.key] = flight
         flight.task.add_done_callback(lambda _t: self._flights.pop(prep.key, None))
         return flight
 
-    async def _compute_into_cache(self, prep: _Prepared, flight: _Flight) -> NDArray[np.uint8]:
+    async def _compute_into_cache(self, prep: Prepared, flight: _Flight) -> NDArray[np.uint8]:
         body = await self._compute(prep, flight)
         self._cache.put(prep.key, body)
         self.metrics.cache_bytes.set(self._cache.nbytes)
@@ -364,13 +369,13 @@ class Engine:
             self._orders.pop(key)  # never cache a failure
             raise
 
-    async def _compute(self, prep: _Prepared, flight: _Flight) -> NDArray[np.uint8]:
+    async def _compute(self, prep: Prepared, flight: _Flight) -> NDArray[np.uint8]:
         # Under a small memory budget, a trainer's prefetch must not make the server
         # hold more bodies than it may: further computations wait their turn.
         async with self._gate.hold(self._body_bytes(prep)):
             return await self._compute_body(prep, flight)
 
-    async def _compute_body(self, prep: _Prepared, flight: _Flight) -> NDArray[np.uint8]:
+    async def _compute_body(self, prep: Prepared, flight: _Flight) -> NDArray[np.uint8]:
         req, ds = prep.req, prep.dataset
         order = await self._order(ds, req, prep.plan.count)
         ids = _pack_ids(prep, order, req.k)
@@ -420,7 +425,7 @@ class Engine:
             return sealed
         return lay.body
 
-    def _read_ahead(self, prep: _Prepared) -> None:
+    def _read_ahead(self, prep: Prepared) -> None:
         limit = max(1, self.config.readahead) * max(1, self.config.threads)
         # A body computed ahead waits in the cache: more of them than it holds would be
         # evicted before their request, and each costs a body of memory while computing.
@@ -433,7 +438,7 @@ class Engine:
                 continue
             if self._readahead_flights >= limit or self._cache.capacity == 0:
                 return
-            nxt = _Prepared(
+            nxt = Prepared(
                 dataclasses.replace(prep.req, k=j),
                 prep.dataset,
                 prep.plan,
@@ -455,7 +460,7 @@ class Engine:
     def _announce_now(self, ds: Dataset, ids: NDArray[np.int64]) -> None:
         self.metrics.announced_bytes.inc(ds.willneed(ids))
 
-    async def _announce(self, prep: _Prepared) -> None:
+    async def _announce(self, prep: Prepared) -> None:
         """Announce the samples of the job's next batches, within the read-ahead budget."""
         ds, req = prep.dataset, prep.req
         if not self._announcer.needed(ds):
@@ -475,7 +480,7 @@ class Engine:
         self._announced.put(prep.job, last)
 
     @staticmethod
-    def _body_bytes(prep: _Prepared) -> int:
+    def _body_bytes(prep: Prepared) -> int:
         return row_bytes(prep.out_fields) * prep.req.batch_size
 
     def _readahead_done(self, task: asyncio.Task[Any]) -> None:

@@ -32,7 +32,9 @@ async def dataset_info(
 
     With ``split``, ``count`` and the plan are the split's (``pack_count`` is the pack's).
     """
-    # Every parameter given is checked, whether or not a plan is asked for.
+    # Every parameter given is checked, whether or not a plan is asked for; with a
+    # batch_size the plan is the one a batch request of these parameters would build
+    # (Engine.prepare), its body cap included.
     probe = BatchRequest(
         dataset=name,
         k=0,
@@ -44,6 +46,7 @@ async def dataset_info(
         split=split,
         split_seed=split_seed,
         stratify=stratify,
+        augment="[]" if augment is None else augment,
     )
     ds = await engine.dataset(name)
     ids = await engine.split_ids.ids(ds, probe)
@@ -67,13 +70,14 @@ async def dataset_info(
             for f in ds.fields.values()
         },
     }
+    prep = engine.prepare(probe, ds, ids) if batch_size is not None else None
     if augment is not None:
-        fields = engine.output_fields(ds, engine.pipeline(augment))
+        fields = prep.out_fields if prep else engine.output_fields(ds, engine.pipeline(augment))
         out["batch_fields"] = {
             n: {"dtype": dt.str, "shape": list(shape)} for n, (dt, shape) in fields.items()
         }
-    if batch_size is not None:
-        plan = probe.plan(count)
+    if prep is not None:
+        plan = prep.plan
         out["plan"] = {
             "batch_size": batch_size,
             "shuffle": shuffle,

@@ -201,6 +201,22 @@ def test_too_large_names_the_cap_and_a_batch_size_that_fits(data: Path) -> None:
         eng.close()
 
 
+def test_info_reports_the_plan_a_batch_would_use_and_refuses_what_it_would(data: Path) -> None:
+    cap = 64 * 1024 + 10 * (16 * 16 * 3 + 16)  # room for exactly 10 samples
+    eng = engine(data, max_batch_bytes=cap)
+    try:
+        info = run(eng.info("tiny", batch_size=7, drop_last=True, augment=AUG))
+        served = run(_serve(eng, batch_size=7, drop_last=True, augment=AUG))
+        assert info["plan"]["num_batches"] == served.num_batches == 40 // 7
+        assert info["plan"]["samples_per_rank"] == 40
+        with pytest.raises(Rejected) as refused:
+            run(eng.info("tiny", batch_size=11))
+        assert refused.value.status == 413 and "batch_size <= 10" in refused.value.detail
+        assert run(eng.info("tiny"))["count"] == 40  # no batch_size: facts only, no cap
+    finally:
+        eng.close()
+
+
 def test_config_is_validated() -> None:
     with pytest.raises(ConfigError, match="--threads"):
         EngineConfig(threads=0)
