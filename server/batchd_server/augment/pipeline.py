@@ -317,6 +317,11 @@ class Pipeline:
 
     # --- running -------------------------------------------------------------------------
 
+    def copies_only(self, fields: Mapping[str, FieldLike]) -> bool:
+        """True when :meth:`run` is one crop window + flip copy per sample (no resampling,
+        no colour op): over raw fields its cost is the copy itself, the memory's speed."""
+        return self._windows_only and self._plan(fields).source_hw is not None
+
     def flips_only(self, fields: Mapping[str, FieldLike]) -> bool:
         """True when every op is a flip and the images and masks have one fixed size.
 
