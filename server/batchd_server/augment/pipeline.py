@@ -404,7 +404,7 @@ class Pipeline:
         """
         plan = self._plan(fields)
         rows_ids = np.asarray(ids)[rows.start : rows.stop : rows.step]
-        if self._windows_only and plan.source_hw is not None and (plan.images or plan.masks):
+        if self.copies_only(fields) and (plan.images or plan.masks):
             self._run_windows(plan, load, rows_ids, seed, epoch, out, rows)
         else:
             self._run_general(plan, load, rows_ids, seed, epoch, out, rows)
