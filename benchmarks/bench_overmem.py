@@ -16,8 +16,10 @@ so the page cache cannot hold the pack: what a container with a memory limit, or
 - ``batchd-4-same``: four trainers of the same job (their batches are computed once).
 
 For each batchd contender: images/s, the first batch's latency, bytes read from disk
-per job and epoch over the pack's size (``batchd_disk_read_bytes``; 1.0 is ideal),
-crops checked against the pack, and OOM kills of the server during the run.
+per job and epoch over the pack's size (``batchd_disk_read_bytes``; 1.0 is ideal), the
+read-ahead hit rate (the share of bytes the gather read that were already in the page
+cache) and the share of the gather threads' time spent waiting on the disk, crops
+checked against the pack, and OOM kills of the server during the run.
 
 It also records whether the server was OOM-killed (``memory.oom_control``) and checks
 that the bytes served equal the pack's (every batch's crop is compared with a crop of
@@ -255,14 +257,27 @@ def _train(url: str, seed: int, seconds: float, pack: Path | None, out: list[Any
     out.append({"images": n, "s": time.perf_counter() - t0, "first_s": first, "bad": bad})
 
 
-def _disk_read_bytes(url: str) -> float:
+_READ_METRICS = {
+    "batchd_disk_read_bytes_total": "disk",
+    "batchd_read_ready_bytes_total": "ready",
+    "batchd_read_waited_bytes_total": "waited",
+    "batchd_read_wait_seconds_total": "wait_s",
+}
+
+
+def _read_metrics(url: str) -> dict[str, float]:
+    """The server's read counters (summed over datasets) and its gather threads."""
     import urllib.request
 
+    got = dict.fromkeys(_READ_METRICS.values(), 0.0)
     with urllib.request.urlopen(f"{url}/metrics") as resp:
         for line in resp.read().decode().splitlines():
-            if line.startswith("batchd_disk_read_bytes_total"):
-                return float(line.split()[-1])
-    return float("nan")
+            name = line.split("{")[0].split(" ")[0]
+            if name in _READ_METRICS:
+                got[_READ_METRICS[name]] += float(line.split()[-1])
+    with urllib.request.urlopen(f"{url}/v1/status") as resp:
+        got["threads"] = float(json.loads(resp.read())["server"]["threads"])
+    return got
 
 
 def batchd(
@@ -282,12 +297,13 @@ def batchd(
             t.start()
         for t in threads:
             t.join()
-        disk = _disk_read_bytes(url)
+        reads = _read_metrics(url)
     errors = [r["error"] for r in results if "error" in r]
     if errors:
         raise RuntimeError("; ".join(errors))
     images = sum(r["images"] for r in results)
     wall = max(r["s"] for r in results)
+    disk, read = reads["disk"], reads["ready"] + reads["waited"]
     return {
         "images_per_s": images / wall,
         "first_batch_s": min(r["first_s"] or wall for r in results),
@@ -296,6 +312,10 @@ def batchd(
         "disk_bytes_over_pack_per_job_epoch": disk
         / max(1e-9, images / len(seeds) * len(set(seeds)) / _count(pack))
         / (pack / "image.raw").stat().st_size,
+        # Of the bytes the gather read with preadv, the share read ahead in time; and
+        # the share of the gather threads' time spent blocked on the disk.
+        "read_hit_rate": reads["ready"] / read if read else None,
+        "read_wait_share": reads["wait_s"] / (wall * max(1.0, reads["threads"])),
         "wrong_crops": sum(r["bad"] for r in results),
         "oom_kills": cg.oom_kills() - kills_before,
     }
@@ -380,6 +400,8 @@ def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
             lambda r: value(r, "batchd-2-seeds", "disk_bytes_over_pack_per_job_epoch")
         ),
         "first_batch_s": med(lambda r: value(r, "batchd-1", "first_batch_s")),
+        "batchd_1_read_hit_rate": med(lambda r: value(r, "batchd-1", "read_hit_rate")),
+        "batchd_1_read_wait_share": med(lambda r: value(r, "batchd-1", "read_wait_share")),
         "oom_kills": sum(
             total(n, "oom_kills") for n in ("batchd-1", "batchd-2-seeds", "batchd-4-same")
         ),

@@ -7,7 +7,7 @@ reference.
 from . import lease
 from .codec import DECODERS, decode_image
 from .header import CHUNK_SIZE, FORMAT_VERSION, HEADER_NAME, Encoding, FieldSpec, Role, le_dtype
-from .reader import Dataset, open_dataset, verify
+from .reader import Dataset, ReadStats, open_dataset, verify
 from .writer import DatasetWriter, Encoded
 
 __all__ = [
@@ -20,6 +20,7 @@ __all__ = [
     "Encoded",
     "Encoding",
     "FieldSpec",
+    "ReadStats",
     "Role",
     "decode_image",
     "le_dtype",

@@ -35,13 +35,17 @@ in :mod:`batchd_server.header`, writing is :mod:`batchd_server.writer`.
 from __future__ import annotations
 
 import contextlib
+import errno
 import itertools
 import logging
 import math
 import os
 import re
+import threading
+import time
 import weakref
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, cast
 
@@ -66,13 +70,64 @@ from .header import (
 
 __all__ = [
     "Dataset",
+    "ReadStats",
     "open_dataset",
     "verify",
 ]
 
 log = logging.getLogger("batchd.format")
 
+
+# preadv2(RWF_NOWAIT) returns what the page cache holds and never waits on storage
+# (Linux 4.14+); where a kernel or filesystem refuses it, reads are simply not split.
+_nowait_reads = hasattr(os, "RWF_NOWAIT")
+
+
+def _read_ready(fd: int, buf: memoryview, offset: int) -> int:
+    """Bytes of ``buf`` filled from the page cache alone (0 if its first page is not there)."""
+    global _nowait_reads
+    try:
+        return os.preadv(fd, [buf], offset, os.RWF_NOWAIT)
+    except BlockingIOError:
+        return 0
+    except OSError as exc:
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+            raise
+        _nowait_reads = False
+        log.info("preadv2(RWF_NOWAIT) is refused here (%s): read-ahead hits are not counted", exc)
+        return 0
+
+
 _TEMP_MARK = re.compile(r"^\..+\.(tmp|old)-[0-9a-f]{8}$")
+
+
+@dataclass
+class ReadStats:
+    """What the ``preadv`` reads of one pack found: ready in the page cache, or waited for.
+
+    Each read first asks for its bytes with ``RWF_NOWAIT``, which returns what the page
+    cache holds and never waits on storage. What it cannot return is read again,
+    blocking, and that time is the wait. So ``ready_bytes / (ready_bytes +
+    waited_bytes)`` is the hit rate of the read-ahead (and of the page cache), and
+    ``wait_s`` the time gather threads spent blocked on the disk. Reads through the
+    memory map (a resident pack under a read lease) are not counted here.
+    """
+
+    ready_bytes: int = 0
+    waited_bytes: int = 0
+    wait_s: float = 0.0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add(self, ready: int, waited: int, wait_s: float) -> None:
+        with self._lock:
+            self.ready_bytes += ready
+            self.waited_bytes += waited
+            self.wait_s += wait_s
+
+    def hit_rate(self) -> float | None:
+        """The share of bytes read that were already in the page cache; None before any."""
+        total = self.ready_bytes + self.waited_bytes
+        return None if total == 0 else self.ready_bytes / total
 
 
 class Dataset:
@@ -100,6 +155,8 @@ class Dataset:
         self._lease: lease.Lease | None = None
         self._no_lease = "not taken"
         self._unmapped: str | None = None  # why mapped reads are off (set_read_path)
+        #: What the ``preadv`` reads found in the page cache and what they waited for.
+        self.read_stats = ReadStats()
         # A replaced or removed pack is dropped, not closed (batches may still read it):
         # its files close when the last reference goes, without a ResourceWarning.
         weakref.finalize(self, _close_files, self._files)
@@ -340,16 +397,30 @@ class Dataset:
     # buffers, where a truncation is a short read, reported as StaleError.
 
     def _read_at(self, fname: str, buf: memoryview, offset: int) -> None:
-        """Fill ``buf`` from ``fname`` at ``offset``; StaleError on a short read."""
+        """Fill ``buf`` from ``fname`` at ``offset``; StaleError on a short read.
+
+        What the page cache holds is taken without waiting (``RWF_NOWAIT``) and the
+        rest read blocking; both are counted in :attr:`read_stats`.
+        """
         f = self._files.get(fname)
         if f is None:
             raise FormatError(self.path, "the dataset is closed")
         want = len(buf)
         done = 0
+        counted = _nowait_reads
+        try:
+            fd = f.fileno()
+            if counted and want:
+                done = _read_ready(fd, buf, offset)
+                counted = _nowait_reads  # False if this kernel just refused it
+        except (OSError, ValueError) as exc:  # ValueError: closed by another thread
+            raise StaleError(self.path / fname, f"read at byte {offset} failed: {exc}") from None
+        ready = done
+        t0 = time.perf_counter()
         while done < want:
             try:
-                n = os.preadv(f.fileno(), [buf[done:]], offset + done)
-            except (OSError, ValueError) as exc:  # ValueError: closed by another thread
+                n = os.preadv(fd, [buf[done:]], offset + done)
+            except (OSError, ValueError) as exc:
                 raise StaleError(
                     self.path / fname, f"read at byte {offset + done} failed: {exc}"
                 ) from None
@@ -360,6 +431,9 @@ class Dataset:
                     "truncated since it was opened; reopen the dataset",
                 )
             done += n
+        if counted:
+            waited = want - ready
+            self.read_stats.add(ready, waited, time.perf_counter() - t0 if waited else 0.0)
 
     def read_rows(self, name: str, ids: NDArray[np.integer], out: NDArray[Any]) -> None:
         """Copy samples ``ids`` of raw field ``name`` into ``out``.

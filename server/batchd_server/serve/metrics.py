@@ -142,6 +142,41 @@ def disk_read_bytes() -> int | None:
     return None
 
 
+class _ReadStatsCollector:
+    """What each pack's ``preadv`` reads found ready in the page cache or waited for."""
+
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        ready = CounterMetricFamily(
+            "batchd_read_ready_bytes",
+            "Bytes read with preadv that were already in the page cache (read ahead in time)",
+            labels=["dataset"],
+        )
+        waited = CounterMetricFamily(
+            "batchd_read_waited_bytes",
+            "Bytes read with preadv that a gather thread had to wait on storage for",
+            labels=["dataset"],
+        )
+        wait = CounterMetricFamily(
+            "batchd_read_wait_seconds",
+            "Time gather threads spent blocked on storage reads (summed over threads)",
+            labels=["dataset"],
+        )
+        for ds in self.registry.datasets():
+            st = ds.read_stats
+            ready.add_metric([ds.name], float(st.ready_bytes))
+            waited.add_metric([ds.name], float(st.waited_bytes))
+            wait.add_metric([ds.name], st.wait_s)
+        yield ready
+        yield waited
+        yield wait
+
+    def describe(self) -> list[Any]:
+        return []
+
+
 class _DiskReadCollector:
     def collect(self) -> Iterator[CounterMetricFamily]:
         got = disk_read_bytes()
@@ -215,6 +250,7 @@ class Metrics:
         self._jobs_lock = threading.Lock()
         if registry is not None:
             r.register(_ResidentCollector(registry))
+            r.register(_ReadStatsCollector(registry))
         r.register(_DiskReadCollector())
 
     def job_progress(self, job: str, k: int) -> None:

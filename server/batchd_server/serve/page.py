@@ -104,14 +104,15 @@ function fill(id, rows, empty, columns) {
 function renderDatasets(list) {
   fill("datasets", list.map(d => {
     if (!d.available) {
-      const why = el("td", "unavail", "unavailable: " + d.error); why.colSpan = 6;
+      const why = el("td", "unavail", "unavailable: " + d.error); why.colSpan = 8;
       return row([el("td", null, d.name), why]);
     }
     return row([el("td", null, d.name), el("td", "num", num(d.count)), \
 el("td", "num", bytes(d.bytes)),
       el("td", null, d.storage), el("td", null, d.fingerprint.slice(0, 12)),
-      el("td", "num", pct(d.resident)), el("td", null, d.reads)]);
-  }), "no packs under --data", 7);
+      el("td", "num", pct(d.resident)), el("td", "num", pct(d.read_hit_rate)),
+      el("td", "num", d.read_wait_s.toFixed(1) + " s"), el("td", null, d.reads)]);
+  }), "no packs under --data", 9);
 }
 function renderJobs(list) {
   fill("jobs", list.map(j => {
@@ -183,7 +184,8 @@ _PAGE = f"""<!doctype html>
 <tbody id="jobs"></tbody></table></section>
 <section><h2>Datasets</h2><table>
 <thead><tr><th>name</th><th class="num">samples</th><th class="num">size</th><th>storage</th>
-<th>fingerprint</th><th class="num">in memory</th><th>reads</th></tr></thead>
+<th>fingerprint</th><th class="num">in memory</th><th class="num">read hits</th>
+<th class="num">I/O wait</th><th>reads</th></tr></thead>
 <tbody id="datasets"></tbody></table></section>
 <section><h2>Server</h2><div id="server"></div></section>
 </main>

@@ -21,6 +21,14 @@ class DatasetStatus(BaseModel):
         None, description="share of its data files in the page cache (mincore), 0..1"
     )
     reads: str | None = Field(None, description="mapped (read lease) or preadv (why)")
+    read_hit_rate: float | None = Field(
+        None,
+        description="share of the bytes read with preadv that were already in the page cache "
+        "(read ahead in time), 0..1; null before any preadv read",
+    )
+    read_wait_s: float | None = Field(
+        None, description="seconds gather threads spent blocked on storage reads, summed"
+    )
 
 
 class JobStatus(BaseModel):

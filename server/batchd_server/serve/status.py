@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 from batchd import __version__
 
-from ..format import DECODERS
+from ..format import DECODERS, ReadStats
 from .metrics import resident_share
 
 if TYPE_CHECKING:
@@ -303,6 +303,14 @@ class CpuMeter:
         return round(100 * (cpu - c0) / max(now - t0, 1e-9), 1)
 
 
+def _read_figures(st: ReadStats) -> dict[str, Any]:
+    hit = st.hit_rate()
+    return {
+        "read_hit_rate": None if hit is None else round(hit, 4),
+        "read_wait_s": round(st.wait_s, 3),
+    }
+
+
 def _cpu_seconds() -> float:
     t = os.times()
     return t.user + t.system
@@ -369,6 +377,7 @@ class Overview:
             "fingerprint": ds.fingerprint,
             "resident": None if cached[2] is None else round(cached[2], 4),
             "reads": self._inside(ds.reads),
+            **_read_figures(ds.read_stats),
         }
 
     def _inside(self, text: str) -> str:

@@ -60,7 +60,7 @@ def _table(head: Sequence[str], rows: Sequence[Sequence[str]], right: set[int]) 
 
 def _pack_row(d: dict[str, Any]) -> list[str]:
     if not d["available"]:
-        return [d["name"], "-", "-", "-", "-", "-", f"unavailable: {d['error']}"]
+        return [d["name"], *["-"] * 7, f"unavailable: {d['error']}"]
     size, fingerprint = _bytes(d["bytes"]), d["fingerprint"][:12]
     return [
         d["name"],
@@ -69,6 +69,8 @@ def _pack_row(d: dict[str, Any]) -> list[str]:
         d["storage"],
         fingerprint,
         _pct(d["resident"]),
+        _pct(d["read_hit_rate"]),
+        f"{d['read_wait_s']:.1f} s",
         d["reads"],
     ]
 
@@ -107,10 +109,11 @@ def render(doc: dict[str, Any]) -> str:
         out.append("(no job asked for a batch in the last minute)")
     out.append("")
     packs = [_pack_row(d) for d in doc["datasets"]]
+    cols = "DATASET SAMPLES SIZE STORAGE FINGERPRINT IN_MEMORY READ_HITS IO_WAIT READS"
     out += _table(
-        ["DATASET", "SAMPLES", "SIZE", "STORAGE", "FINGERPRINT", "IN MEMORY", "READS"],
+        [c.replace("_", " ") for c in cols.split()],
         packs,
-        {1, 2, 5},
+        {1, 2, 5, 6, 7},
     )
     return "\n".join(out)
 

@@ -4,6 +4,8 @@ bigger than it is read with preadv ahead of need, giving the same bytes."""
 from __future__ import annotations
 
 import asyncio
+import errno
+import os
 from pathlib import Path
 
 import numpy as np
@@ -11,9 +13,10 @@ import pytest
 from numpy.typing import NDArray
 
 from batchd.wire import decode_batch
-from batchd_server.format import Dataset, open_dataset
+from batchd_server.format import Dataset, open_dataset, reader
 from batchd_server.serve.engine import Engine, EngineConfig
 from batchd_server.serve.memory import MemoryPlan, _cgroup_limit, plan
+from batchd_server.serve.metrics import dataset_resident_bytes
 from batchd_server.serve.registry import Registry
 from batchd_server.serve.request import BatchRequest
 
@@ -95,7 +98,13 @@ def test_a_pack_over_the_budget_is_read_ahead_with_preadv_and_same_bytes(data: P
         assert "memory budget" in listed[0]["reads"]
         announced = tight.metrics.announced_bytes._value.get()
         assert announced >= ds.nbytes  # five batches of 8 cover the whole 40-sample epoch
-        assert b"batchd_disk_read_bytes_total" in tight.metrics.render()
+        text = tight.metrics.render().decode()
+        assert "batchd_disk_read_bytes_total" in text
+        st = ds.read_stats
+        assert st.ready_bytes + st.waited_bytes >= 40 * 16 * 16 * 3  # every image, by preadv
+        assert f'batchd_read_ready_bytes_total{{dataset="tiny"}} {float(st.ready_bytes)}' in text
+        assert f'batchd_read_waited_bytes_total{{dataset="tiny"}} {float(st.waited_bytes)}' in text
+        assert 'batchd_read_wait_seconds_total{dataset="tiny"}' in text
     finally:
         roomy.close()
         tight.close()
@@ -110,6 +119,70 @@ def test_willneed_covers_the_rows_asked_for(data: Path) -> None:
         with ds.mapped() as direct:
             assert direct is False
         assert ds.reads == "preadv (testing)"
+
+
+def _dropped(ds: Dataset) -> bool:
+    """Drop ``ds``'s pages from the page cache; False where this filesystem keeps them."""
+    os.sync()  # a just-written pack is dirty, and dirty pages are not dropped
+    ds.dontneed(np.arange(ds.count))
+    return dataset_resident_bytes(ds) == 0
+
+
+def test_preadv_reads_count_what_was_ready_and_what_they_waited_for(data: Path) -> None:
+    with open_dataset(data / "tiny") as ds:
+        ds.set_read_path("testing")
+        out = np.empty((ds.count, 16, 16, 3), np.uint8)
+        ids = np.arange(ds.count)
+        if not _dropped(ds):
+            pytest.skip("this filesystem keeps the pack's pages after POSIX_FADV_DONTNEED")
+        ds.read_rows("image", ids, out)  # from the disk: waited for
+        st = ds.read_stats
+        assert (st.ready_bytes, st.waited_bytes) == (0, out.nbytes)
+        assert st.wait_s > 0 and st.hit_rate() == 0.0
+        ds.read_rows("image", ids, out)  # now in the page cache: ready
+        assert (st.ready_bytes, st.waited_bytes) == (out.nbytes, out.nbytes)
+        assert st.hit_rate() == 0.5
+        np.testing.assert_array_equal(out, np.asarray(ds.array("image")))
+
+
+def test_a_read_the_page_cache_half_holds_is_split_and_gives_the_same_bytes(
+    data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = os.preadv
+
+    def half(fd: int, bufs: list[memoryview], offset: int, flags: int = 0) -> int:
+        if flags & os.RWF_NOWAIT:  # the page cache holds the first half only
+            return real(fd, [bufs[0][: len(bufs[0]) // 2]], offset, flags)
+        return real(fd, bufs, offset, flags)
+
+    monkeypatch.setattr(reader.os, "preadv", half)
+    with open_dataset(data / "tiny") as ds:
+        ds.set_read_path("testing")
+        out = np.empty((ds.count, 16, 16, 3), np.uint8)
+        ds.read_rows("image", np.arange(ds.count), out)
+        assert ds.read_stats.ready_bytes == ds.read_stats.waited_bytes == out.nbytes // 2
+        np.testing.assert_array_equal(out, np.asarray(ds.array("image")))
+
+
+def test_a_kernel_that_refuses_nowait_reads_counts_nothing_and_reads_all(
+    data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = os.preadv
+
+    def refuse(fd: int, bufs: list[memoryview], offset: int, flags: int = 0) -> int:
+        if flags:
+            raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+        return real(fd, bufs, offset)
+
+    monkeypatch.setattr(reader.os, "preadv", refuse)
+    monkeypatch.setattr(reader, "_nowait_reads", True)
+    with open_dataset(data / "tiny") as ds:
+        ds.set_read_path("testing")
+        out = np.empty((ds.count, 16, 16, 3), np.uint8)
+        ds.read_rows("image", np.arange(ds.count), out)
+        np.testing.assert_array_equal(out, np.asarray(ds.array("image")))
+        assert reader._nowait_reads is False
+        assert ds.read_stats.hit_rate() is None  # not counted, rather than counted wrong
 
 
 def test_a_split_job_reads_ahead_the_split_samples_only(

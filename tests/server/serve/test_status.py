@@ -203,7 +203,9 @@ def test_top_renders_the_figures_of_the_document() -> None:
                 "storage": "raw",
                 "fingerprint": "0123456789abcdef",
                 "resident": 0.5,
-                "reads": "mapped (read lease)",
+                "reads": "preadv (testing)",
+                "read_hit_rate": 0.875,
+                "read_wait_s": 12.34,
             },
             {"name": "junk", "available": False, "error": "no header.json"},
         ],
@@ -229,6 +231,7 @@ def test_top_renders_the_figures_of_the_document() -> None:
     assert "12/100" in job.split() and "2.0%" in job.split()  # k/n and stall
     assert "up 1m 15s" in lines[0] and "4xx 3" in lines[0] and "hit 25.0%" in lines[0]
     assert any("1,000" in line and "50.0%" in line and "3.0 MiB" in line for line in lines)
+    assert any("87.5%" in line and "12.3 s" in line for line in lines)  # read hits, I/O wait
     assert any(line.startswith("junk") and "unavailable: no header.json" in line for line in lines)
 
 

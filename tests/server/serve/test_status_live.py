@@ -76,9 +76,33 @@ def test_a_known_epoch_is_reported_as_it_ran_and_agrees_with_metrics(
     assert (tiny["count"], tiny["storage"], tiny["available"]) == (4000, "raw", True)
     assert tiny["fingerprint"] == client.info.fingerprint
     assert 0 <= tiny["resident"] <= 1 and tiny["reads"].startswith("mapped")
+    # Reads through the mapping are not counted as preadv reads.
+    assert tiny["read_hit_rate"] is None and tiny["read_wait_s"] == 0
     (junk,) = [d for d in doc["datasets"] if d["name"] == "notapack"]
     assert junk["available"] is False and junk["error"]
     assert str(server.data) not in str(doc)  # no absolute path of the server's disk
+
+
+def test_preadv_reads_are_reported_as_metrics_counts_them(data: Path) -> None:
+    with ServerProcess(data, args=["--no-leases"]) as srv:
+        n = sum(len(b["label"]) for b in batchd.Client(srv.url, "tiny", batch_size=500).iterate(0))
+        assert n == 4000
+        (tiny,) = [d for d in status(srv)["datasets"] if d["name"] == "tiny"]
+        text = httpx.get(srv.url + "/metrics").text
+        top = batchd_top(srv.url).stdout
+    assert tiny["reads"].startswith("preadv")
+    ready = metric(text, "batchd_read_ready_bytes_total", dataset="tiny")
+    waited = metric(text, "batchd_read_waited_bytes_total", dataset="tiny")
+    assert ready + waited >= 4000 * 16 * 16 * 3  # every image once, at least
+    assert tiny["read_hit_rate"] == round(ready / (ready + waited), 4)
+    assert tiny["read_wait_s"] == pytest.approx(
+        metric(text, "batchd_read_wait_seconds_total", dataset="tiny"), abs=1e-3
+    )
+    lines = top.splitlines()
+    head = next(i for i, line in enumerate(lines) if line.startswith("DATASET"))
+    head, row = lines[head], next(line for line in lines[head:] if line.startswith("tiny "))
+    assert "READ HITS" in head and "IO WAIT" in head
+    assert f"{100 * tiny['read_hit_rate']:.1f}%" in row.split()
 
 
 def test_errors_are_counted_by_class(server: ServerProcess) -> None:
