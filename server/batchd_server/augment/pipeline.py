@@ -55,7 +55,7 @@ from .ops import (
     VFlip,
     parse_op,
 )
-from .rows import Norm, put_values, write_row
+from .rows import Norm, normalize_into, put_values, write_row
 from .sample import Sample
 from .windows import Windows, windows_only
 
@@ -408,6 +408,66 @@ class Pipeline:
             self._run_windows(plan, load, rows_ids, seed, epoch, out, rows)
         else:
             self._run_general(plan, load, rows_ids, seed, epoch, out, rows)
+
+    def run_arrays(
+        self,
+        arrays: Mapping[str, Array],
+        ids: NDArray[np.int64],
+        seed: int,
+        epoch: int,
+        out: Mapping[str, Array],
+        rows: range,
+        *,
+        fields: Mapping[str, FieldLike],
+    ) -> None:
+        """:meth:`run` over whole fields: ``arrays[name][i]`` is sample ``i``'s ``name``.
+
+        The same bytes as ``run`` with ``load(r) = {name: arrays[name][ids[r]]}`` (a test
+        pins it), but a :meth:`copies_only` pipeline pays no per-sample dict or call: the
+        value fields are gathered in one ``np.take`` and each image or mask row is one
+        slice and one copy. ``arrays`` should be plain ndarrays: indexing an ``np.memmap``
+        runs Python code (``__array_finalize__``) per view, several µs a sample, so they
+        are taken as such.
+        """
+        plan = self._plan(fields)
+        if not (self.copies_only(fields) and (plan.images or plan.masks)):
+
+            def load(r: int) -> dict[str, Array]:
+                i = int(ids[r])
+                return {name: a[i] for name, a in arrays.items()}
+
+            self.run(load, ids, seed, epoch, out, rows, fields=fields)
+            return
+        assert plan.source_hw is not None
+        at = slice(rows.start, rows.stop, rows.step)
+        rows_ids = np.asarray(ids)[at]
+        for name in plan.values:
+            np.take(arrays[name], rows_ids, axis=0, out=out[name][at])
+        win = self._windows(plan.source_hw, rows_ids, seed, epoch)
+        tops, lefts = win.top.tolist(), win.left.tolist()
+        codes = [None if c == 2 else c for c in win.flip_codes().tolist()]
+        h, w = win.h, win.w
+        sids = rows_ids.tolist()
+        for name in plan.images + plan.masks:
+            src, buf, shape = arrays[name], out[name], plan.cv_shapes[name]
+            if src.shape[1:3] != plan.source_hw:
+                raise PipelineError(
+                    f"field {name!r} is {src.shape[1:]} per sample, expected "
+                    f"{plan.source_hw[0]}x{plan.source_hw[1]} as the dataset declares"
+                )
+            # Plain ndarray views, a trailing channel of 1 dropped as OpenCV sees it.
+            src = np.reshape(np.asarray(src), (len(src), *plan.source_hw, *shape[2:]), copy=False)
+            buf = np.reshape(buf, (len(buf), *shape), copy=False)
+            norm = plan.normalize.get(name)
+            for k, r in enumerate(rows):
+                top, left, code = tops[k], lefts[k], codes[k]
+                view = src[sids[k], top : top + h, left : left + w]
+                if norm is not None:
+                    normalize_into(view, buf[r], norm, code)
+                elif code is None:
+                    buf[r] = view
+                elif cv2.flip(view, code, dst=(row := buf[r])) is not row:
+                    raise AssertionError("cv2.flip did not write into the batch buffer")
 
     def _run_general(
         self,

@@ -113,8 +113,13 @@ def filler(
     def run(a: int, b: int) -> None:
         with ds.mapped() as direct:
             row: Callable[[str, int], NDArray[Any]]
+            if direct and not encoded:  # straight from the mapping, no per-sample load
+                arrays = {name: ds.array(name) for name in raw}
+                with serial:
+                    pipeline.run_arrays(arrays, ids, seed, epoch, out, range(a, b), fields=specs)
+                return
             if direct:  # views of the mapping: no copy at all
-                maps = {name: ds.array(name) for name in raw}
+                maps = {name: np.asarray(ds.array(name)) for name in raw}  # not np.memmap
                 row = lambda name, i: maps[name][i]  # noqa: E731
             else:
                 # One scratch row per raw field: Pipeline.run consumes each loaded

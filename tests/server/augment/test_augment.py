@@ -717,6 +717,42 @@ def test_crop_and_flip_fast_path_equals_the_general_path(spec: list[dict[str, An
         assert a[name].tobytes() == b[name].tobytes(), name
 
 
+@pytest.mark.parametrize(
+    "spec",
+    [
+        [{"op": "random_crop", "size": [20, 24]}, {"op": "hflip"}],
+        [{"op": "vflip", "p": 0.6}, {"op": "random_crop", "size": 9}, {"op": "hflip", "p": 0.7}],
+        [
+            {"op": "center_crop", "size": [29, 37]},
+            {"op": "hflip"},
+            {"op": "normalize", "mean": [0.1, 0.2, 0.3], "std": 0.5},
+        ],
+        [{"op": "center_crop", "size": 30}],
+        FULL,  # not copies_only: run_arrays hands it to run
+    ],
+)
+def test_run_over_whole_arrays_equals_run_over_loaded_samples(spec: list[dict[str, Any]]) -> None:
+    """The server's path over a mapped raw pack (run_arrays) gives run's bytes."""
+    src = full_sources()
+    p = Pipeline.parse(spec)
+    ids = np.array([3, 11, 0, 7, 7, 5, 1, 9, 2], dtype=np.int64)
+    expected = run(p, src, FIELDS, ids, seed=8, epoch=3)
+    out = {k: np.zeros((len(ids), *s), d) for k, (d, s) in p.output_fields(FIELDS).items()}
+    for rows in (range(0, 4), range(4, 9)):  # split rows as the server's threads do
+        p.run_arrays(src, ids, 8, 3, out, rows, fields=FIELDS)
+    for name in FIELDS:
+        assert out[name].tobytes() == expected[name].tobytes(), name
+
+
+def test_run_arrays_refuses_a_field_of_another_size() -> None:
+    p = Pipeline.parse([{"op": "random_crop", "size": 8}])
+    src = full_sources()
+    src["mask"] = src["mask"][:, :30]  # 30x40, the dataset says 32x40
+    out = {k: np.zeros((2, *s), d) for k, (d, s) in p.output_fields(FIELDS).items()}
+    with pytest.raises(PipelineError, match="expected 32x40"):
+        p.run_arrays(src, np.array([0, 1]), 0, 0, out, range(2), fields=FIELDS)
+
+
 def test_threads_writing_disjoint_rows_give_the_same_batch() -> None:
     from concurrent.futures import ThreadPoolExecutor
 

@@ -1,49 +1,75 @@
-"""serve.fill: who may walk a batch's samples at the same time."""
+"""serve.fill: who may walk a batch's samples at the same time, and from where."""
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from numpy.typing import NDArray
 
 from batchd_server.augment import Pipeline
-from batchd_server.format import open_dataset
+from batchd_server.format import Dataset, open_dataset
 from batchd_server.serve.fill import filler
 from serverproc import tiny_pack
 
 CROP_FLIP = '[{"op":"random_crop","size":12},{"op":"hflip"}]'
 CROP_BRIGHTEN = '[{"op":"random_crop","size":12},{"op":"brightness","delta":0.2}]'
+Out = dict[str, NDArray[Any]]
 
 
-def _most_at_once(tmp_path: Path, spec: str, monkeypatch: pytest.MonkeyPatch) -> int:
-    """How many threads were inside Pipeline.run at once while two fill halves of a batch."""
+def _direct(monkeypatch: pytest.MonkeyPatch, direct: bool) -> None:
+    """Read the tiny pack through its mapping (as under a read lease) or with preadv."""
+
+    @contextlib.contextmanager
+    def mapped(self: Dataset) -> Iterator[bool]:
+        yield direct
+
+    monkeypatch.setattr(Dataset, "mapped", mapped)
+
+
+def _batch(tmp_path: Path, spec: str) -> tuple[Dataset, Pipeline, NDArray[np.int64], Out]:
     ds = open_dataset(tiny_pack(tmp_path / "tiny"))
     pipeline = Pipeline.parse(spec)
-    ids = np.arange(32, dtype=np.int64)
+    ids = np.array([5, 0, 31, 7, 7, 12, 3, 30] * 4, dtype=np.int64)
     out = {
-        name: np.empty((32, *shape), dt)
+        name: np.zeros((len(ids), *shape), dt)
         for name, (dt, shape) in pipeline.output_fields(ds.fields).items()
     }
-    inside, most, lock = 0, 0, threading.Lock()
-    run = Pipeline.run
+    return ds, pipeline, ids, out
 
-    def counting(self: Pipeline, *args: Any, **kw: Any) -> None:
-        nonlocal inside, most
-        with lock:
-            inside += 1
-            most = max(most, inside)
-        time.sleep(0.05)  # long enough for the other half to arrive
-        try:
-            run(self, *args, **kw)
-        finally:
+
+def _most_at_once(tmp_path: Path, spec: str, monkeypatch: pytest.MonkeyPatch, direct: bool) -> int:
+    """How many threads were inside the pipeline at once while two fill halves of a batch."""
+    _direct(monkeypatch, direct)
+    ds, pipeline, ids, out = _batch(tmp_path, spec)
+    inside: collections.Counter[int] = collections.Counter()  # thread -> calls it is inside
+    most, lock = 0, threading.Lock()
+
+    def counting(method: Callable[..., None]) -> Callable[..., None]:
+        def counted(self: Pipeline, *args: Any, **kw: Any) -> None:
+            nonlocal most
+            me = threading.get_ident()
             with lock:
-                inside -= 1
+                inside[me] += 1
+                most = max(most, len(+inside))
+            time.sleep(0.05)  # long enough for the other half to arrive
+            try:
+                method(self, *args, **kw)
+            finally:
+                with lock:
+                    inside[me] -= 1
 
-    monkeypatch.setattr(Pipeline, "run", counting)
+        return counted
+
+    for name in ("run", "run_arrays"):  # run_arrays hands work it cannot shortcut to run
+        monkeypatch.setattr(Pipeline, name, counting(getattr(Pipeline, name)))
     fill = filler(ds, pipeline, ids, 0, 0, out)
     halves = [threading.Thread(target=fill, args=ab) for ab in ((0, 16), (16, 32))]
     for t in halves:
@@ -54,14 +80,32 @@ def _most_at_once(tmp_path: Path, spec: str, monkeypatch: pytest.MonkeyPatch) ->
     return most
 
 
+@pytest.mark.parametrize("spec", [CROP_FLIP, CROP_BRIGHTEN])
+def test_the_mapped_path_gives_the_bytes_of_the_preadv_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, spec: str
+) -> None:
+    got = []
+    for direct in (False, True):
+        _direct(monkeypatch, direct)
+        ds, pipeline, ids, out = _batch(tmp_path / str(direct), spec)
+        fill = filler(ds, pipeline, ids, 3, 2, out)
+        fill(0, 16)
+        fill(16, 32)
+        ds.close()
+        got.append({name: buf.tobytes() for name, buf in out.items()})
+    assert got[0] == got[1]
+
+
+@pytest.mark.parametrize("direct", [False, True], ids=["preadv", "mapped"])
 def test_copy_only_samples_are_walked_by_one_thread_at_a_time(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, direct: bool
 ) -> None:
     # Each such sample releases the GIL for its copy: two threads would trade it per sample.
-    assert _most_at_once(tmp_path, CROP_FLIP, monkeypatch) == 1
+    assert _most_at_once(tmp_path, CROP_FLIP, monkeypatch, direct) == 1
 
 
+@pytest.mark.parametrize("direct", [False, True], ids=["preadv", "mapped"])
 def test_samples_with_real_work_are_walked_in_parallel(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, direct: bool
 ) -> None:
-    assert _most_at_once(tmp_path, CROP_BRIGHTEN, monkeypatch) == 2
+    assert _most_at_once(tmp_path, CROP_BRIGHTEN, monkeypatch, direct) == 2
