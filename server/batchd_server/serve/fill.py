@@ -35,7 +35,7 @@ from ..format import Dataset
 if TYPE_CHECKING:
     from .request import BatchRequest
 
-__all__ = ["body_layout", "filler", "row_bytes", "row_chunks"]
+__all__ = ["body_layout", "filler", "row_bytes", "row_chunks", "walks_alone"]
 
 _MIN_ROWS_PER_CHUNK = 8  # below this, splitting a batch costs more than it saves
 _COPY_LOOP = threading.Lock()
@@ -81,6 +81,17 @@ def row_chunks(rows: int, parts: int) -> list[tuple[int, int]]:
     return [(a, b) for a, b in itertools.pairwise(bounds) if b > a]
 
 
+def walks_alone(ds: Dataset, pipeline: Pipeline) -> bool:
+    """True when one thread at a time walks the samples of ``pipeline`` over ``ds``
+    (``_COPY_LOOP``): splitting such a batch into row chunks gains nothing."""
+    specs = ds.fields
+    return (
+        all(s.encoding == "raw" for s in specs.values())
+        and pipeline.copies_only(specs)
+        and not (not pipeline.ops or pipeline.flips_only(specs))  # those are gathered whole
+    )
+
+
 def filler(
     ds: Dataset,
     pipeline: Pipeline,
@@ -108,7 +119,7 @@ def filler(
 
     raw = [name for name, spec in specs.items() if spec.encoding == "raw"]
     encoded = [name for name in specs if name not in raw]
-    serial = _COPY_LOOP if all_raw and pipeline.copies_only(specs) else contextlib.nullcontext()
+    serial = _COPY_LOOP if walks_alone(ds, pipeline) else contextlib.nullcontext()
 
     def run(a: int, b: int) -> None:
         with ds.mapped() as direct:

@@ -364,6 +364,22 @@ class Registry:
                 raise DatasetUnavailable(f"dataset {name!r} cannot be served: {entry.error}")
             return entry.dataset
 
+    def current(self, name: str) -> Dataset | None:
+        """``get(name)`` when that is quick, else None: the pack is open and unchanged on
+        disk (one scan of its folder), and no other thread holds the registry."""
+        if not self._lock.acquire(blocking=False):
+            return None
+        try:
+            entry = self._entries.get(name)
+            if entry is None or not entry.pack or entry.dataset is None:
+                return None
+            try:
+                return entry.dataset if _stamp(entry.path) == entry.stamp else None
+            except OSError:
+                return None
+        finally:
+            self._lock.release()
+
     def close(self) -> None:
         """Close every open dataset (at shutdown; batches still computing would fail)."""
         with self._lock:

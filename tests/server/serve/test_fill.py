@@ -16,7 +16,7 @@ from numpy.typing import NDArray
 
 from batchd_server.augment import Pipeline
 from batchd_server.format import Dataset, open_dataset
-from batchd_server.serve.fill import filler
+from batchd_server.serve.fill import filler, walks_alone
 from serverproc import tiny_pack
 
 CROP_FLIP = '[{"op":"random_crop","size":12},{"op":"hflip"}]'
@@ -109,3 +109,14 @@ def test_samples_with_real_work_are_walked_in_parallel(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, direct: bool
 ) -> None:
     assert _most_at_once(tmp_path, CROP_BRIGHTEN, monkeypatch, direct) == 2
+
+
+def test_only_copy_loops_walk_alone(tmp_path: Path) -> None:
+    """The engine gives such a batch to one thread whole (walks_alone): no row chunks."""
+    ds = open_dataset(tiny_pack(tmp_path / "tiny"))
+    try:
+        assert walks_alone(ds, Pipeline.parse(CROP_FLIP))
+        for spec in (CROP_BRIGHTEN, '[{"op":"hflip"}]', "[]"):  # parallel, or gathered whole
+            assert not walks_alone(ds, Pipeline.parse(spec)), spec
+    finally:
+        ds.close()

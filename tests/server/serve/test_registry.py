@@ -152,3 +152,38 @@ def test_a_root_that_is_missing_or_a_file_says_so(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("x")
     with pytest.raises(ConfigError, match="is a file, not a directory"):
         Registry(tmp_path / "file")
+
+
+def test_current_is_get_for_an_unchanged_open_pack_and_none_otherwise(tmp_path: Path) -> None:
+    """The event loop's shortcut: never a stale pack, never a wait for the lock."""
+    import threading
+
+    tiny_pack(tmp_path / "a")
+    reg = Registry(tmp_path)
+    tiny_pack(tmp_path / "late")
+    assert reg.current("late") is None  # not found yet: get() rescans, off the loop
+    assert reg.get("late").count == 40
+    ds = reg.get("a")
+    assert reg.current("a") is ds
+    assert reg.current("nope") is None and reg.current("../a") is None
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with reg._lock:
+            held.set()
+            release.wait(5)
+
+    t = threading.Thread(target=hold)
+    t.start()
+    held.wait(5)
+    try:
+        assert reg.current("a") is None  # another thread is rescanning: ask get() instead
+    finally:
+        release.set()
+        t.join()
+    tiny_pack(tmp_path / "a", n=12, overwrite=True)  # replaced on disk
+    assert reg.current("a") is None
+    new = reg.get("a")
+    assert new is not ds and new.count == 12
+    assert reg.current("a") is new
+    reg.close()
