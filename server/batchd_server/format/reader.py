@@ -57,6 +57,7 @@ from ..errors import FormatError, StaleError
 from ..progress import progress_bar
 from . import lease
 from .codec import decode_image
+from .direct import ALIGN, DirectFile, Staged, open_direct
 from .header import (
     HEADER_NAME,
     MAX_BYTES,
@@ -155,6 +156,9 @@ class Dataset:
         self._lease: lease.Lease | None = None
         self._no_lease = "not taken"
         self._unmapped: str | None = None  # why mapped reads are off (set_read_path)
+        #: raw field file -> its O_DIRECT twin, while reads go past the page cache
+        self._direct: dict[str, DirectFile] = {}
+        self._no_direct: str | None = None  # why direct reads were asked for and refused
         #: What the ``preadv`` reads found in the page cache and what they waited for.
         self.read_stats = ReadStats()
         # A replaced or removed pack is dropped, not closed (batches may still read it):
@@ -245,14 +249,19 @@ class Dataset:
         """Why mapped reads were turned off by :meth:`set_read_path`, or None."""
         return self._unmapped
 
-    def set_read_path(self, unmapped: str | None) -> None:
+    def set_read_path(self, unmapped: str | None, *, direct: bool = False) -> None:
         """Read with ``preadv`` even under a lease, saying why (``None``: map again).
 
         A pack bigger than the memory the server may use thrashes when read through
         its mapping (a reclaimed page faults back in 4 KiB at a time); plain reads of
         whole samples, announced ahead with :meth:`willneed`, run at the disk's speed.
+        ``direct``: read raw fields past the page cache instead (:mod:`.direct`,
+        :meth:`staged`), where the kernel and the filesystem allow it.
         """
         self._unmapped = unmapped
+        self._close_direct()
+        if unmapped is not None and direct:
+            self._open_direct()
         # Reads are announced exactly: the kernel's own read-ahead around a miss would
         # only fetch neighbours a uniform shuffle does not want next.
         advice = os.POSIX_FADV_NORMAL if unmapped is None else os.POSIX_FADV_RANDOM
@@ -260,11 +269,82 @@ class Dataset:
             with contextlib.suppress(OSError, ValueError):
                 os.posix_fadvise(f.fileno(), 0, 0, advice)
 
+    def _open_direct(self) -> None:
+        opened: dict[str, DirectFile] = {}
+        for spec in self.fields.values():
+            # Small rows (labels) stay buffered: their file is small enough to stay in
+            # the page cache, and a direct read would fetch a whole block per row.
+            if spec.encoding != "raw" or _row_bytes(spec) < ALIGN:
+                continue
+            fname = spec.files()[0]
+            f = self._files[fname]
+            # The open file itself, re-opened: never a file renamed over it since.
+            got = open_direct(f"/proc/self/fd/{f.fileno()}", str(self.path / fname))
+            if isinstance(got, str):
+                for d in opened.values():
+                    d.close()
+                self._no_direct = got
+                log.info("%s: %s; reading with preadv", self.path, got)
+                return
+            opened[fname] = got
+        self._direct = opened
+
+    def _close_direct(self) -> None:
+        direct, self._direct = self._direct, {}
+        for d in direct.values():
+            d.close()
+
+    @property
+    def buffered(self) -> bool:
+        """True if bytes worth announcing ahead are read through the page cache: an
+        encoded field, or a raw field of big rows not read directly (labels do not count).
+        """
+        return any(
+            spec.encoding != "raw"
+            or (spec.files()[0] not in self._direct and _row_bytes(spec) >= ALIGN)
+            for spec in self.fields.values()
+        )
+
+    @property
+    def direct_fields(self) -> tuple[str, ...]:
+        """The raw fields read past the page cache now (:meth:`staged`); often none."""
+        return tuple(n for n, s in self.fields.items() if s.files()[0] in self._direct)
+
+    @contextlib.contextmanager
+    def staged(self, name: str, ids: NDArray[np.integer]) -> Iterator[Staged]:
+        """Samples ``ids`` of raw field ``name`` read past the page cache, all at once.
+
+        ``staged.row(k)`` is sample ``ids[k]`` as bytes, valid inside the block only.
+        Needs :attr:`direct`; a truncated file is a StaleError.
+        """
+        spec = self._spec(name, "raw")
+        assert spec.shape is not None
+        fname = spec.files()[0]
+        d = self._direct.get(fname)
+        if d is None:
+            raise ValueError(f"{self.path}: direct reads are off")
+        at = np.asarray(ids, np.int64)
+        if len(at) and (int(at.min()) < 0 or int(at.max()) >= self.count):
+            raise IndexError(f"sample ids out of range for {self.count} samples")
+        row = spec.dtype.itemsize * math.prod(spec.shape)
+        try:
+            got = d.read(at * row, row)
+        except (OSError, EOFError, ValueError) as exc:  # ValueError: closed meanwhile
+            raise StaleError(self.path / fname, f"direct read failed: {exc}") from None
+        try:
+            self.read_stats.add(0, row * len(at), got.waited_s)
+            yield got
+        finally:
+            got.release()
+
     @property
     def reads(self) -> str:
         """How samples are read now: ``mapped (read lease)`` or ``preadv (why not mapped)``."""
+        if self._direct:
+            return f"direct ({self._unmapped}: O_DIRECT + native AIO, past the page cache)"
         if self._unmapped is not None:
-            return f"preadv ({self._unmapped})"
+            why = "" if self._no_direct is None else f"; {self._no_direct}"
+            return f"preadv ({self._unmapped}: read ahead by the permutation{why})"
         if self._lease is not None and self._lease.held:
             return "mapped (read lease)"
         if self._lease is not None:
@@ -455,6 +535,12 @@ class Dataset:
         if int(ids.min()) < 0 or int(ids.max()) >= self.count:
             raise IndexError(f"sample ids out of range for {self.count} samples")
         row = spec.dtype.itemsize * math.prod(spec.shape)
+        if spec.files()[0] in self._direct:
+            rows = out.reshape(-1).view(np.uint8).reshape(len(ids), row)
+            with self.staged(name, ids) as got:
+                for k in range(len(ids)):
+                    rows[k] = got.row(k)
+            return
         flat = out.reshape(-1).view(np.uint8).data
         fname = spec.files()[0]
         # Runs of consecutive ids (natural order) become one read each.
@@ -546,6 +632,7 @@ class Dataset:
         """Drop the mappings and close the files (arrays handed out stay valid until freed)."""
         if self._lease is not None:
             self._lease.release("the dataset was closed")
+        self._close_direct()
         self._maps.clear()
         for f in self._files.values():
             f.close()
@@ -559,6 +646,11 @@ class Dataset:
 
     def __repr__(self) -> str:
         return f"Dataset({str(self.path)!r}, count={self.count}, fields={list(self.fields)})"
+
+
+def _row_bytes(spec: FieldSpec) -> int:
+    """Bytes of one sample of a raw field."""
+    return spec.dtype.itemsize * math.prod(spec.shape or ())
 
 
 def _close_files(files: dict[str, IO[bytes]]) -> None:

@@ -156,6 +156,15 @@ def check_exposure(
     "caches and picks each pack's read path  [default: the cgroup memory limit, else RAM]",
 )
 @click.option(
+    "--direct-reads/--no-direct-reads",
+    default=True,
+    envvar="BATCHD_DIRECT_READS",
+    show_default=True,
+    help="Read raw packs bigger than 3/4 of the memory budget past the page cache "
+    "(O_DIRECT + native AIO: a batch's reads in flight at once, no page cache to fill "
+    "and reclaim); --no-direct-reads reads them with preadv, announced ahead",
+)
+@click.option(
     "--readahead",
     type=click.IntRange(min=0),
     default=2,
@@ -222,6 +231,7 @@ def serve(
     threads: int | None,
     cache_bytes: int | None,
     memory_budget: int | None,
+    direct_reads: bool,
     readahead: int,
     max_batch_bytes: int,
     max_inflight: int,
@@ -252,16 +262,17 @@ def serve(
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    memory = memory_plan(cache_bytes, memory_budget)
+    memory = memory_plan(cache_bytes, memory_budget, direct_reads=direct_reads)
     log.info(
         "memory budget %d MiB (%s): batch cache %d MiB%s, idle body buffers %d MiB, "
-        "read-ahead %d MiB per job; packs over 3/4 of the budget are read with preadv",
+        "read-ahead %d MiB per job; packs over 3/4 of the budget are read %s",
         memory.budget >> 20,
         memory.source,
         memory.cache_bytes >> 20,
         "" if cache_bytes is not None else " (auto; --cache-bytes to set)",
         memory.idle_body_bytes >> 20,
         memory.readahead_bytes >> 20,
+        "past the page cache (O_DIRECT) where they can be" if direct_reads else "with preadv",
     )
     config = EngineConfig(
         threads=threads or os.cpu_count() or 1,

@@ -438,7 +438,7 @@ class Engine:
     ) -> NDArray[np.uint8]:
         """The last rows of a batch, then its body as served (sealed into shared memory)."""
         fill(*rows)
-        if not self.memory.fits(ds.nbytes):  # drop behind: room for the reads ahead
+        if not self.memory.fits(ds.nbytes) and ds.buffered:  # drop behind: room to read ahead
             ds.dontneed(ids)
         if self.shm is not None:  # into its shared-memory file; the scratch is recycled
             return self.shm.seal(lay.body)

@@ -21,7 +21,7 @@ import contextlib
 import itertools
 import math
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -81,6 +81,39 @@ def row_chunks(rows: int, parts: int) -> list[tuple[int, int]]:
     return [(a, b) for a, b in itertools.pairwise(bounds) if b > a]
 
 
+@contextlib.contextmanager
+def staged_rows(
+    ds: Dataset, ids: NDArray[np.int64], raw: list[str]
+) -> Iterator[Callable[[int, int], dict[str, NDArray[Any]]]]:
+    """``load(k, i)``: raw fields of sample ``i = ids[k]``, its direct fields read up front.
+
+    Every direct read of ``ids`` is in flight at once (one ``io_submit``), before the
+    caller takes the copy lock; other raw fields (labels) are read from the page cache.
+    """
+    specs = ds.fields
+    with contextlib.ExitStack() as stack:
+        staged = [
+            (name, stack.enter_context(ds.staged(name, ids)), specs[name])
+            for name in raw
+            if name in ds.direct_fields
+        ]
+        buffered = [
+            (name, np.empty(specs[name].shape or (), specs[name].dtype))
+            for name in raw
+            if name not in ds.direct_fields
+        ]
+
+        def load(k: int, i: int) -> dict[str, NDArray[Any]]:
+            sample = {
+                name: st.row(k).view(spec.dtype).reshape(spec.shape or ())
+                for name, st, spec in staged
+            }
+            sample.update((name, ds.read_row(name, i, buf)) for name, buf in buffered)
+            return sample
+
+        yield load
+
+
 def walks_alone(ds: Dataset, pipeline: Pipeline) -> bool:
     """True when one thread at a time walks the samples of ``pipeline`` over ``ds``
     (``_COPY_LOOP``): splitting such a batch into row chunks gains nothing."""
@@ -132,6 +165,18 @@ def filler(
             if direct:  # views of the mapping: no copy at all
                 maps = {name: np.asarray(ds.array(name)) for name in raw}  # not np.memmap
                 row = lambda name, i: maps[name][i]  # noqa: E731
+            elif ds.direct_fields:
+                with staged_rows(ds, ids[a:b], raw) as staged:
+
+                    def staged_load(r: int) -> dict[str, NDArray[Any]]:
+                        i = int(ids[r])
+                        sample = staged(r - a, i)
+                        sample.update((name, ds.image(name, i)) for name in encoded)
+                        return sample
+
+                    with serial:
+                        pipeline.run(staged_load, ids, seed, epoch, out, range(a, b), fields=specs)
+                return
             else:
                 # One scratch row per raw field: Pipeline.run consumes each loaded
                 # sample before it loads the next, so the buffer can be reused.

@@ -102,6 +102,8 @@ class MemoryPlan:
     """Pack bytes announced to the kernel ahead of need, shared by the active jobs."""
     compute_bytes: int
     """Batch bodies being computed at once (more requests wait their turn)."""
+    direct_reads: bool = True
+    """Read the raw fields of a pack that does not fit past the page cache (O_DIRECT)."""
 
     def fits(self, pack_bytes: int) -> bool:
         """Whether a pack of this size can stay in the page cache beside everything else."""
@@ -114,12 +116,15 @@ class MemoryPlan:
             # page faults back 4 KiB at a time): whole-sample reads, announced ahead.
             ds.set_read_path(
                 f"{ds.nbytes >> 20} MiB pack > 3/4 of the {self.budget >> 20} MiB "
-                f"memory budget ({self.source}): read ahead by the permutation"
+                f"memory budget ({self.source})",
+                direct=self.direct_reads,
             )
             log.info("%s: reads %s", ds.name, ds.reads)
 
 
-def plan(cache_bytes: int | None = None, budget: int | None = None) -> MemoryPlan:
+def plan(
+    cache_bytes: int | None = None, budget: int | None = None, *, direct_reads: bool = True
+) -> MemoryPlan:
     """Size the caches from the budget; an explicit ``cache_bytes`` is kept as given."""
     if budget is None:
         budget, source = memory_limit()
@@ -133,4 +138,5 @@ def plan(cache_bytes: int | None = None, budget: int | None = None) -> MemoryPla
         idle_body_bytes=min(128 << 20, budget // 16),
         readahead_bytes=max(16 << 20, min(256 << 20, budget // 6)),
         compute_bytes=budget // 4,
+        direct_reads=direct_reads,
     )

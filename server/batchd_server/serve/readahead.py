@@ -65,6 +65,8 @@ class ReadAhead:
         Never waits for a residency check: it answers from the last one (not resident
         before the first has ended) and starts the next on its own thread when due.
         """
+        if ds.direct_fields and not ds.buffered:
+            return False  # read past the page cache: nothing there to fill ahead
         if not ds.reads.startswith("mapped"):
             return True
         with self._cv:

@@ -118,7 +118,7 @@ def test_willneed_covers_the_rows_asked_for(data: Path) -> None:
         ds.set_read_path("testing")
         with ds.mapped() as direct:
             assert direct is False
-        assert ds.reads == "preadv (testing)"
+        assert ds.reads == "preadv (testing: read ahead by the permutation)"
 
 
 def _dropped(ds: Dataset) -> bool:

@@ -1,0 +1,151 @@
+"""format.direct and the reads past the page cache of packs bigger than memory."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from batchd_server.errors import StaleError
+from batchd_server.format import direct, open_dataset
+from batchd_server.format.direct import ALIGN, open_direct
+from batchd_server.serve.engine import Engine, EngineConfig
+from batchd_server.serve.memory import MemoryPlan
+from batchd_server.serve.registry import Registry
+from batchd_server.serve.request import BatchRequest
+from serverproc import tiny_pack
+
+HW = 64  # 12 KiB rows: big enough to be read directly (labels, 8 bytes, stay buffered)
+AUG = '[{"op":"random_crop","size":40},{"op":"hflip"}]'
+TIGHT = MemoryPlan(
+    budget=4096,
+    source="test",
+    cache_bytes=0,
+    idle_body_bytes=0,
+    readahead_bytes=1 << 20,
+    compute_bytes=1 << 30,
+)
+
+
+def _direct_or_skip(path: Path) -> None:
+    got = open_direct(path)
+    if isinstance(got, str):  # e.g. a tmpfs that refuses O_DIRECT: the refusal is tested below
+        pytest.skip(f"the test folder's filesystem cannot read directly: {got}")
+    got.close()
+
+
+@pytest.fixture
+def blob(tmp_path: Path) -> tuple[Path, bytes]:
+    data = np.random.default_rng(0).integers(0, 256, 5 * ALIGN + 123, dtype=np.uint8).tobytes()
+    path = tmp_path / "blob"
+    path.write_bytes(data)
+    _direct_or_skip(path)
+    return path, data
+
+
+def test_reads_at_any_offset_give_the_files_bytes(
+    blob: tuple[Path, bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path, data = blob
+    monkeypatch.setattr(direct, "_MAX_EVENTS", 3)  # 7 reads go in three turns
+    f = open_direct(path)
+    assert not isinstance(f, str)
+    try:
+        offsets = np.array([0, 1, ALIGN - 1, ALIGN, 3 * ALIGN + 7, 100, 5 * ALIGN], np.int64)
+        for _ in range(2):  # the second time from a recycled staging buffer
+            got = f.read(offsets, 123)
+            try:
+                for k, o in enumerate(offsets.tolist()):
+                    assert got.row(k).tobytes() == data[o : o + 123]
+            finally:
+                got.release()
+        with pytest.raises(EOFError, match="short read"):
+            f.read(np.array([len(data) - 10], np.int64), 100)
+    finally:
+        f.close()
+    with pytest.raises(ValueError, match="closed"):
+        f.read(np.array([0], np.int64), 10)
+
+
+def test_a_filesystem_that_refuses_o_direct_is_said_why(
+    blob: tuple[Path, bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = os.open
+
+    def no_direct(path: object, flags: int, *args: object) -> int:
+        if flags & os.O_DIRECT:
+            raise OSError(22, "Invalid argument")
+        return real(path, flags, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "open", no_direct)
+    assert open_direct(blob[0]) == "O_DIRECT refused: Invalid argument"
+
+
+def test_a_pack_read_directly_gives_the_mapped_bytes(tmp_path: Path) -> None:
+    pack = tiny_pack(tmp_path / "p", n=12, hw=HW)
+    _direct_or_skip(pack / "image.raw")
+    with open_dataset(pack) as ds:
+        want = np.asarray(ds.array("image")).copy()
+        ds.set_read_path("testing", direct=True)
+        assert ds.direct_fields == ("image",) and not ds.buffered
+        assert ds.reads.startswith("direct (testing: O_DIRECT")
+        ids = np.array([7, 0, 11, 7, 3], np.int64)
+        with ds.staged("image", ids) as got:
+            for k, i in enumerate(ids.tolist()):
+                assert got.row(k).tobytes() == want[i].tobytes()
+        out = np.empty((len(ids), HW, HW, 3), np.uint8)
+        ds.read_rows("image", ids, out)
+        np.testing.assert_array_equal(out, want[ids])
+        assert ds.read_stats.waited_bytes == 2 * len(ids) * HW * HW * 3  # all from the disk
+        with pytest.raises(ValueError, match="direct reads are off"), ds.staged("label", ids):
+            pass
+        ds.set_read_path(None)  # fits again: mapped, nothing direct
+        assert ds.direct_fields == ()
+
+
+def test_a_file_truncated_under_direct_reads_is_stale(tmp_path: Path) -> None:
+    pack = tiny_pack(tmp_path / "p", n=12, hw=HW)
+    _direct_or_skip(pack / "image.raw")
+    with open_dataset(pack) as ds:
+        ds.set_read_path("testing", direct=True)
+        os.truncate(pack / "image.raw", 4 * HW * HW * 3)
+        with pytest.raises(StaleError, match="short read"), ds.staged("image", np.array([1, 9])):
+            pass
+
+
+def test_an_engine_over_budget_reads_directly_with_the_same_bytes(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    tiny_pack(root / "tiny", n=40, hw=HW)
+    _direct_or_skip(root / "tiny" / "image.raw")
+    roomy = Engine(Registry(root), EngineConfig(threads=2))
+    tight = Engine(Registry(root), EngineConfig(threads=2, cache_bytes=0), memory=TIGHT)
+    buffered = Engine(
+        Registry(root),
+        EngineConfig(threads=2, cache_bytes=0),
+        memory=dataclasses.replace(TIGHT, direct_reads=False),
+    )
+
+    async def batches(eng: Engine) -> list[bytes]:
+        out = []
+        for k in range(5):
+            req = BatchRequest(dataset="tiny", k=k, batch_size=8, seed=3, epoch=1, augment=AUG)
+            out.append(bytes((await eng.batch(req)).body))
+        return out
+
+    try:
+        want = asyncio.run(batches(roomy))
+        assert asyncio.run(batches(tight)) == want  # invariant 1: same bytes on every path
+        assert asyncio.run(batches(buffered)) == want
+        ds = tight.registry.get("tiny")
+        assert ds.reads.startswith("direct (")
+        assert ds.read_stats.waited_bytes >= 40 * HW * HW * 3
+        assert tight.metrics.announced_bytes._value.get() == 0  # nothing to read ahead
+        assert buffered.registry.get("tiny").reads.startswith("preadv (")
+        assert buffered.metrics.announced_bytes._value.get() > 0
+    finally:
+        for eng in (roomy, tight, buffered):
+            eng.close()
