@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import dataclasses
 import os
 from pathlib import Path
 
@@ -13,22 +11,9 @@ import pytest
 from batchd_server.errors import StaleError
 from batchd_server.format import direct, open_dataset
 from batchd_server.format.direct import ALIGN, open_direct
-from batchd_server.serve.engine import Engine, EngineConfig
-from batchd_server.serve.memory import MemoryPlan
-from batchd_server.serve.registry import Registry
-from batchd_server.serve.request import BatchRequest
 from serverproc import tiny_pack
 
 HW = 64  # 12 KiB rows: big enough to be read directly (labels, 8 bytes, stay buffered)
-AUG = '[{"op":"random_crop","size":40},{"op":"hflip"}]'
-TIGHT = MemoryPlan(
-    budget=4096,
-    source="test",
-    cache_bytes=0,
-    idle_body_bytes=0,
-    readahead_bytes=1 << 20,
-    compute_bytes=1 << 30,
-)
 
 
 def _direct_or_skip(path: Path) -> None:
@@ -115,37 +100,3 @@ def test_a_file_truncated_under_direct_reads_is_stale(tmp_path: Path) -> None:
         os.truncate(pack / "image.raw", 4 * HW * HW * 3)
         with pytest.raises(StaleError, match="short read"), ds.staged("image", np.array([1, 9])):
             pass
-
-
-def test_an_engine_over_budget_reads_directly_with_the_same_bytes(tmp_path: Path) -> None:
-    root = tmp_path / "data"
-    tiny_pack(root / "tiny", n=40, hw=HW)
-    _direct_or_skip(root / "tiny" / "image.raw")
-    roomy = Engine(Registry(root), EngineConfig(threads=2))
-    tight = Engine(Registry(root), EngineConfig(threads=2, cache_bytes=0), memory=TIGHT)
-    buffered = Engine(
-        Registry(root),
-        EngineConfig(threads=2, cache_bytes=0),
-        memory=dataclasses.replace(TIGHT, direct_reads=False),
-    )
-
-    async def batches(eng: Engine) -> list[bytes]:
-        out = []
-        for k in range(5):
-            req = BatchRequest(dataset="tiny", k=k, batch_size=8, seed=3, epoch=1, augment=AUG)
-            out.append(bytes((await eng.batch(req)).body))
-        return out
-
-    try:
-        want = asyncio.run(batches(roomy))
-        assert asyncio.run(batches(tight)) == want  # invariant 1: same bytes on every path
-        assert asyncio.run(batches(buffered)) == want
-        ds = tight.registry.get("tiny")
-        assert ds.reads.startswith("direct (")
-        assert ds.read_stats.waited_bytes >= 40 * HW * HW * 3
-        assert tight.metrics.announced_bytes._value.get() == 0  # nothing to read ahead
-        assert buffered.registry.get("tiny").reads.startswith("preadv (")
-        assert buffered.metrics.announced_bytes._value.get() > 0
-    finally:
-        for eng in (roomy, tight, buffered):
-            eng.close()

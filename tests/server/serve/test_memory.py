@@ -4,6 +4,7 @@ bigger than it is read with preadv ahead of need, giving the same bytes."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import os
 from pathlib import Path
@@ -14,13 +15,15 @@ from numpy.typing import NDArray
 
 from batchd.wire import decode_batch
 from batchd_server.format import Dataset, open_dataset, reader
+from batchd_server.format.direct import open_direct
 from batchd_server.serve.engine import Engine, EngineConfig
 from batchd_server.serve.memory import MemoryPlan, _cgroup_limit, plan
 from batchd_server.serve.metrics import dataset_resident_bytes
 from batchd_server.serve.registry import Registry
 from batchd_server.serve.request import BatchRequest
+from serverproc import tiny_pack
 
-# A budget no pack fits: nothing cached, every read ahead with preadv.
+# A budget no pack fits: nothing cached; rows this small are read ahead with preadv.
 TIGHT = MemoryPlan(
     budget=4096,
     source="test",
@@ -135,13 +138,15 @@ def test_preadv_reads_count_what_was_ready_and_what_they_waited_for(data: Path) 
         ids = np.arange(ds.count)
         if not _dropped(ds):
             pytest.skip("this filesystem keeps the pack's pages after POSIX_FADV_DONTNEED")
-        ds.read_rows("image", ids, out)  # from the disk: waited for
+        ds.read_rows("image", ids, out)  # from the disk
         st = ds.read_stats
-        assert (st.ready_bytes, st.waited_bytes) == (0, out.nbytes)
-        assert st.wait_s > 0 and st.hit_rate() == 0.0
+        # Mostly waited for; but the RWF_NOWAIT probe itself starts the read, and on a
+        # fast disk some of it (1 run in 8 here: all 30 KB) is in before it returns.
+        assert st.ready_bytes + st.waited_bytes == out.nbytes
+        first = (st.ready_bytes, st.waited_bytes)
         ds.read_rows("image", ids, out)  # now in the page cache: ready
-        assert (st.ready_bytes, st.waited_bytes) == (out.nbytes, out.nbytes)
-        assert st.hit_rate() == 0.5
+        assert (st.ready_bytes, st.waited_bytes) == (first[0] + out.nbytes, first[1])
+        assert 0.5 <= st.hit_rate() <= 1.0
         np.testing.assert_array_equal(out, np.asarray(ds.array("image")))
 
 
@@ -220,3 +225,43 @@ def test_a_split_job_reads_ahead_the_split_samples_only(
         assert set(announced) == want  # the whole split epoch was read ahead or at need
     finally:
         eng.close()
+
+
+AUG64 = '[{"op":"random_crop","size":40},{"op":"hflip"}]'
+
+
+def test_an_engine_over_budget_reads_directly_with_the_same_bytes(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    tiny_pack(root / "tiny", n=40, hw=64)
+    got = open_direct(root / "tiny" / "image.raw")
+    if isinstance(got, str):  # tests/server/format/test_direct.py tests the refusal
+        pytest.skip(f"the test folder's filesystem cannot read directly: {got}")
+    got.close()
+    roomy = Engine(Registry(root), EngineConfig(threads=2))
+    tight = Engine(Registry(root), EngineConfig(threads=2, cache_bytes=0), memory=TIGHT)
+    buffered = Engine(
+        Registry(root),
+        EngineConfig(threads=2, cache_bytes=0),
+        memory=dataclasses.replace(TIGHT, direct_reads=False),
+    )
+
+    async def batches(eng: Engine) -> list[bytes]:
+        out = []
+        for k in range(5):
+            req = BatchRequest(dataset="tiny", k=k, batch_size=8, seed=3, epoch=1, augment=AUG64)
+            out.append(bytes((await eng.batch(req)).body))
+        return out
+
+    try:
+        want = asyncio.run(batches(roomy))
+        assert asyncio.run(batches(tight)) == want  # invariant 1: same bytes on every path
+        assert asyncio.run(batches(buffered)) == want
+        ds = tight.registry.get("tiny")
+        assert ds.reads.startswith("direct (")
+        assert ds.read_stats.waited_bytes >= 40 * 64 * 64 * 3
+        assert tight.metrics.announced_bytes._value.get() == 0  # nothing to read ahead
+        assert buffered.registry.get("tiny").reads.startswith("preadv (")
+        assert buffered.metrics.announced_bytes._value.get() > 0
+    finally:
+        for eng in (roomy, tight, buffered):
+            eng.close()
