@@ -14,9 +14,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 
 import batchd
+from batchd_server.format import open_dataset
+from batchd_server.format.direct import open_direct
 from serverproc import ServerProcess, batchd_top, tiny_pack
 
 TOKEN = "s3cret-status-token"
@@ -207,3 +210,30 @@ def test_under_a_token_the_page_needs_a_login_and_the_token_is_never_logged(
         log = srv.log()
     assert "POST /login" in log  # the access log is on (debug), and holds no token
     assert TOKEN not in log
+
+
+@pytest.mark.parametrize("flag", ["--direct-reads", "--no-direct-reads"])
+def test_a_pack_over_the_memory_budget_is_read_directly_unless_told(
+    tmp_path: Path, flag: str
+) -> None:
+    """A real server under a small --memory-budget: the read path, and the client's bytes."""
+    tiny_pack(tmp_path / "big", n=64, hw=64)  # 768 KiB of 12 KiB rows
+    probe = open_direct(tmp_path / "big" / "image.raw")
+    if isinstance(probe, str):  # tests/server/format/test_direct.py tests the refusal
+        pytest.skip(f"the test folder's filesystem cannot read directly: {probe}")
+    probe.close()
+    args = ["--memory-budget", "1MiB", "--cache-bytes", "0", flag]
+    with ServerProcess(tmp_path, args=args) as srv:
+        got = list(batchd.Client(srv.url, "big", batch_size=16, seed=2).iterate(1))
+        (big,) = [d for d in status(srv)["datasets"] if d["name"] == "big"]
+    with open_dataset(tmp_path / "big") as ds:
+        images = ds.array("image")
+        for b in got:
+            np.testing.assert_array_equal(b["image"], images[b["index"]])
+    assert sorted(i for b in got for i in b["index"].tolist()) == list(range(64))
+    assert "memory budget" in big["reads"]
+    if flag == "--direct-reads":
+        # Only the labels (8 bytes a row, read buffered) ever come from the page cache.
+        assert big["reads"].startswith("direct (") and big["read_hit_rate"] < 0.01
+    else:
+        assert big["reads"].startswith("preadv (") and big["read_hit_rate"] is not None
