@@ -227,8 +227,8 @@ def open_direct(path: str | os.PathLike[str], label: str | None = None) -> Direc
     The first page is read once through the whole path (``O_DIRECT`` and AIO) so that a
     filesystem that accepts the flag but refuses the reads is found here, not mid-epoch.
     """
-    if platform.machine() not in _SYSCALLS:
-        return f"no native AIO syscall numbers for {platform.machine()}"
+    if platform.machine() not in _SYSCALLS or not hasattr(os, "O_DIRECT"):
+        return f"no O_DIRECT and native AIO on {platform.system()} {platform.machine()}"
     try:
         fd = os.open(path, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
     except OSError as exc:
