@@ -90,17 +90,17 @@ def staged_rows(
     Every direct read of ``ids`` is in flight at once (one ``io_submit``), before the
     caller takes the copy lock; other raw fields (labels) are read from the page cache.
     """
-    specs = ds.fields
+    specs, direct = ds.fields, ds.direct_fields
     with contextlib.ExitStack() as stack:
         staged = [
             (name, stack.enter_context(ds.staged(name, ids)), specs[name])
             for name in raw
-            if name in ds.direct_fields
+            if name in direct
         ]
         buffered = [
             (name, np.empty(specs[name].shape or (), specs[name].dtype))
             for name in raw
-            if name not in ds.direct_fields
+            if name not in direct
         ]
 
         def load(k: int, i: int) -> dict[str, NDArray[Any]]:
@@ -139,9 +139,9 @@ def filler(
     if all_raw and (not pipeline.ops or pipeline.flips_only(specs)):
 
         def gather(a: int, b: int) -> None:
-            with ds.mapped() as direct:
+            with ds.mapped() as mapped:
                 for name, view in out.items():
-                    if direct:  # mode="clip" writes into out without a buffered copy
+                    if mapped:  # mode="clip" writes into out without a buffered copy
                         np.take(ds.array(name), ids[a:b], axis=0, out=view[a:b], mode="clip")
                     else:
                         ds.read_rows(name, ids[a:b], view[a:b])
@@ -155,14 +155,14 @@ def filler(
     serial = _COPY_LOOP if walks_alone(ds, pipeline) else contextlib.nullcontext()
 
     def run(a: int, b: int) -> None:
-        with ds.mapped() as direct:
+        with ds.mapped() as mapped:
             row: Callable[[str, int], NDArray[Any]]
-            if direct and not encoded:  # straight from the mapping, no per-sample load
+            if mapped and not encoded:  # straight from the mapping, no per-sample load
                 arrays = {name: ds.array(name) for name in raw}
                 with serial:
                     pipeline.run_arrays(arrays, ids, seed, epoch, out, range(a, b), fields=specs)
                 return
-            if direct:  # views of the mapping: no copy at all
+            if mapped:  # views of the mapping: no copy at all
                 maps = {name: np.asarray(ds.array(name)) for name in raw}  # not np.memmap
                 row = lambda name, i: maps[name][i]  # noqa: E731
             elif ds.direct_fields:
