@@ -382,7 +382,7 @@ class Engine:
 
     async def _compute_body(self, prep: Prepared, flight: _Flight) -> NDArray[np.uint8]:
         # Each hand-off to the pool and back costs ~120 µs of CPU on 2 cores (two thread
-        # wake-ups): a batch takes three, or one per row chunk when its rows are split.
+        # wake-ups): a batch in one chunk takes two, check + layout and fill + seal.
         req, ds = prep.req, prep.dataset
         order = await self._order(ds, req, prep.plan.count)
         ids = _pack_ids(prep, order, req.k)
@@ -398,12 +398,14 @@ class Engine:
             raise _Stale(str(exc)) from None
         fill = filler(ds, prep.pipeline, ids, req.seed, req.epoch, lay.fields)
         parts = 1 if walks_alone(ds, prep.pipeline) else self.config.threads
-        *pending, last = row_chunks(len(ids), parts)
+        chunks = row_chunks(len(ids), parts)
+        last: tuple[int, int] | None = chunks[-1]
         try:
-            if flight.priority == _FOREGROUND:
-                await asyncio.gather(*(submit(fill, a, b) for a, b in pending))
+            if flight.priority == _FOREGROUND and len(chunks) > 1:  # all at once, then seal
+                await asyncio.gather(*(submit(fill, a, b) for a, b in chunks))
+                last = None
             else:  # one chunk at a time: background work never holds every thread
-                for a, b in pending:
+                for a, b in chunks[:-1]:
                     await submit(fill, a, b)
             body: NDArray[np.uint8] = await submit(self._finish, ds, ids, fill, last, lay)
             return body
@@ -433,11 +435,12 @@ class Engine:
         ds: Dataset,
         ids: NDArray[np.int64],
         fill: Callable[[int, int], None],
-        rows: tuple[int, int],
+        rows: tuple[int, int] | None,
         lay: Layout,
     ) -> NDArray[np.uint8]:
-        """The last rows of a batch, then its body as served (sealed into shared memory)."""
-        fill(*rows)
+        """The last rows of a batch (if any left), then its body as served (sealed)."""
+        if rows is not None:
+            fill(*rows)
         if not self.memory.fits(ds.nbytes) and ds.buffered:  # drop behind: room to read ahead
             ds.dontneed(ids)
         if self.shm is not None:  # into its shared-memory file; the scratch is recycled

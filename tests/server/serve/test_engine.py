@@ -443,3 +443,45 @@ def test_variable_size_images_need_a_size_op(tmp_path: Path) -> None:
         assert info.value.status == 400 and info.value.code == "invalid_pipeline"
     finally:
         eng.close()
+
+
+@pytest.mark.parametrize(
+    ("spec", "most"),
+    [
+        ('[{"op":"random_crop","size":12},{"op":"brightness","delta":0.2}]', 2),
+        ('[{"op":"random_crop","size":12},{"op":"hflip"}]', 1),  # one chunk, one thread
+    ],
+)
+def test_a_waited_for_batch_fills_its_row_chunks_at_once(
+    data: Path, monkeypatch: pytest.MonkeyPatch, spec: str, most: int
+) -> None:
+    import time
+
+    inside, seen, lock = 0, 0, threading.Lock()
+    real_run, real_run_arrays = Pipeline.run, Pipeline.run_arrays
+
+    def counted(method: Any) -> Any:
+        def wrapper(self: Pipeline, *args: Any, **kw: Any) -> None:
+            nonlocal inside, seen
+            with lock:
+                inside += 1
+                seen = max(seen, inside)
+            time.sleep(0.05)  # long enough for a second chunk to arrive
+            try:
+                method(self, *args, **kw)
+            finally:
+                with lock:
+                    inside -= 1
+
+        return wrapper
+
+    monkeypatch.setattr(Pipeline, "run", counted(real_run))
+    monkeypatch.setattr(Pipeline, "run_arrays", counted(real_run_arrays))
+    eng = Engine(Registry(data), EngineConfig(threads=2, readahead=0))
+    try:
+        req = BatchRequest(dataset="tiny", k=0, batch_size=32, seed=1, augment=spec)
+        body = run(eng.batch(req)).body
+        assert len(decode_batch(bytes(body)).index) == 32
+    finally:
+        eng.close()
+    assert seen == most
