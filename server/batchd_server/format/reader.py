@@ -315,7 +315,7 @@ class Dataset:
         """Samples ``ids`` of raw field ``name`` read past the page cache, all at once.
 
         ``staged.row(k)`` is sample ``ids[k]`` as bytes, valid inside the block only.
-        Needs :attr:`direct`; a truncated file is a StaleError.
+        ``name`` must be one of :attr:`direct_fields`; a truncated file is a StaleError.
         """
         spec = self._spec(name, "raw")
         assert spec.shape is not None
@@ -326,7 +326,7 @@ class Dataset:
         at = np.asarray(ids, np.int64)
         if len(at) and (int(at.min()) < 0 or int(at.max()) >= self.count):
             raise IndexError(f"sample ids out of range for {self.count} samples")
-        row = spec.dtype.itemsize * math.prod(spec.shape)
+        row = _row_bytes(spec)
         try:
             got = d.read(at * row, row)
         except (OSError, EOFError, ValueError) as exc:  # ValueError: closed meanwhile
@@ -534,7 +534,7 @@ class Dataset:
             return
         if int(ids.min()) < 0 or int(ids.max()) >= self.count:
             raise IndexError(f"sample ids out of range for {self.count} samples")
-        row = spec.dtype.itemsize * math.prod(spec.shape)
+        row = _row_bytes(spec)
         if spec.files()[0] in self._direct:
             rows = out.reshape(-1).view(np.uint8).reshape(len(ids), row)
             with self.staged(name, ids) as got:
