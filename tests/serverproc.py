@@ -191,6 +191,33 @@ def tiny_pack(
     return Path(out)
 
 
+def jpeg_pack(out: str | Path, *, n: int = 24, hw: int = 64, quality: int = 95) -> Path:
+    """A small encoded pack: ``image`` as JPEGs of noise (about 2.5 bytes a pixel at
+    q95, so 64x64 samples average over 4 KiB), ``label`` the sample id.
+    """
+    import cv2
+    import numpy as np
+
+    from batchd_server.format.header import FieldSpec
+    from batchd_server.format.writer import DatasetWriter, Encoded
+
+    image = FieldSpec(
+        name="image", dtype=np.dtype("u1"), shape=None, role="image", encoding="image", channels=3
+    )
+    label = FieldSpec(
+        name="label", dtype=np.dtype("<i8"), shape=(), role="value", encoding="raw", channels=None
+    )
+    rng = np.random.default_rng(0)
+    with DatasetWriter(out, [image, label]) as w:
+        for i in range(n):
+            pixels = rng.integers(0, 256, (hw, hw, 3), dtype=np.uint8)
+            ok, jpg = cv2.imencode(".jpg", pixels, [cv2.IMWRITE_JPEG_QUALITY, quality])
+            assert ok
+            w.append({"image": Encoded(jpg.tobytes(), hw, hw), "label": np.int64(i)})
+        w.commit()
+    return Path(out)
+
+
 def batchd_top(url: str, *, check: bool = True) -> subprocess.CompletedProcess[str]:
     """``batchd top --once --url URL`` as a user runs it: its output, as text."""
     cmd = [sys.executable, "-c", "from batchd_server.cli import main; main()", "top", "--once"]

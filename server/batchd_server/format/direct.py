@@ -109,17 +109,17 @@ class _Slot:
 class Staged:
     """Samples read into a staging buffer: :meth:`row` ``k`` is the ``k``-th sample asked for."""
 
-    buf: NDArray[np.uint8]  # (n, stride) bytes
-    heads: list[int]  # where sample k starts inside its stride
-    size: int
+    buf: NDArray[np.uint8]  # the aligned extents, back to back
+    starts: list[int]  # where sample k starts in buf
+    sizes: list[int]  # and its length
     #: seconds the caller waited for the reads
     waited_s: float
     #: hands the buffer back for the next read; the rows must not be used after
     release: Callable[[], None] = lambda: None
 
     def row(self, k: int) -> NDArray[np.uint8]:
-        h = self.heads[k]
-        return self.buf[k, h : h + self.size]
+        h = self.starts[k]
+        return self.buf[h : h + self.sizes[k]]
 
 
 class DirectFile:
@@ -132,10 +132,11 @@ class DirectFile:
         self._idle: list[_Slot] = []
         self._closed = False
 
-    def read(self, offsets: NDArray[np.int64], size: int) -> Staged:
+    def read(self, offsets: NDArray[np.int64], size: int | NDArray[np.int64]) -> Staged:
         """Read ``size`` bytes at each of ``offsets``, all at once; :meth:`Staged.release` after.
 
-        OSError on a failed read; a short read (the file shrank) is ``EOFError``.
+        ``size`` is one length for every sample (raw rows) or one per sample (encoded
+        ones). OSError on a failed read; a short read (the file shrank) is ``EOFError``.
         """
         with self._lock:
             if self._closed:
@@ -144,7 +145,7 @@ class DirectFile:
         if slot is None:
             slot = _Slot()
         try:
-            got = self._read(slot, offsets, size)
+            got = self._read(slot, np.asarray(offsets, np.int64), size)
         except BaseException:
             self._give_back(slot)
             raise
@@ -159,14 +160,17 @@ class DirectFile:
         if not keep:
             slot.close()
 
-    def _read(self, slot: _Slot, offsets: NDArray[np.int64], size: int) -> Staged:
-        offsets = np.asarray(offsets, np.int64)
+    def _read(
+        self, slot: _Slot, offsets: NDArray[np.int64], size: int | NDArray[np.int64]
+    ) -> Staged:
         n = len(offsets)
+        sizes = np.broadcast_to(np.asarray(size, np.int64), (n,))
         heads = offsets % ALIGN
         starts = offsets - heads
-        lengths = -(-(heads + size) // ALIGN) * ALIGN  # each extent rounded up to ALIGN
-        stride = -(-(size + ALIGN - 1) // ALIGN) * ALIGN  # room for any head
-        buf = slot.staging(n * stride).reshape(n, stride)
+        lengths = -(-(heads + sizes) // ALIGN) * ALIGN  # each extent rounded up to ALIGN
+        place = np.zeros(n, np.int64)  # where each extent lands: back to back, all aligned
+        np.cumsum(lengths[:-1], out=place[1:])
+        buf = slot.staging(int(lengths.sum()))
         t0 = time.perf_counter()
         for a in range(0, n, _MAX_EVENTS):
             b = min(n, a + _MAX_EVENTS)
@@ -175,7 +179,7 @@ class DirectFile:
             cb["fildes"] = self.fd
             cb["opcode"] = _IOCB_CMD_PREAD
             cb["data"] = np.arange(a, b, dtype=np.uint64)
-            cb["buf"] = buf.ctypes.data + np.arange(a, b, dtype=np.uint64) * stride
+            cb["buf"] = buf.ctypes.data + place[a:b].astype(np.uint64)
             cb["nbytes"] = lengths[a:b]
             cb["offset"] = starts[a:b]
             sent = 0
@@ -200,15 +204,15 @@ class DirectFile:
                 if (res < 0).any():
                     err = int(-res[res < 0][0])
                     raise OSError(err, f"O_DIRECT read of {self.path}: {os.strerror(err)}")
-                short = res < heads[idx] + size
+                short = res < heads[idx] + sizes[idx]
                 if short.any():
                     i = int(idx[short][0])
                     raise EOFError(
                         f"short read at byte {int(offsets[i])} of {self.path} "
-                        f"({int(res[short][0]) - int(heads[i])} of {size} bytes)"
+                        f"({int(res[short][0]) - int(heads[i])} of {int(sizes[i])} bytes)"
                     )
                 done += got
-        return Staged(buf, heads.tolist(), size, time.perf_counter() - t0)
+        return Staged(buf, (place + heads).tolist(), sizes.tolist(), time.perf_counter() - t0)
 
     def close(self) -> None:
         with self._lock:

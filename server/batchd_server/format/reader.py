@@ -156,7 +156,7 @@ class Dataset:
         self._lease: lease.Lease | None = None
         self._no_lease = "not taken"
         self._unmapped: str | None = None  # why mapped reads are off (set_read_path)
-        #: raw field file -> its O_DIRECT twin, while reads go past the page cache
+        #: data file of a field of big rows -> its O_DIRECT twin, while reads go past the cache
         self._direct: dict[str, DirectFile] = {}
         self._no_direct: str | None = None  # why direct reads were asked for and refused
         #: What the ``preadv`` reads found in the page cache and what they waited for.
@@ -194,6 +194,8 @@ class Dataset:
             )
         n = self.count
         for spec in self.fields.values():
+            if spec.files()[0] in self._direct:
+                continue  # read past the page cache: announcing it would only fill the cache
             if spec.encoding == "raw":
                 assert spec.shape is not None
                 fname = spec.files()[0]
@@ -255,8 +257,9 @@ class Dataset:
         A pack bigger than the memory the server may use thrashes when read through
         its mapping (a reclaimed page faults back in 4 KiB at a time); plain reads of
         whole samples, announced ahead with :meth:`willneed`, run at the disk's speed.
-        ``direct``: read raw fields past the page cache instead (:mod:`.direct`,
-        :meth:`staged`), where the kernel and the filesystem allow it.
+        ``direct``: read the fields of big rows (raw images, encoded samples averaging
+        4 KiB or more) past the page cache instead (:mod:`.direct`, :meth:`staged`),
+        where the kernel and the filesystem allow it.
         """
         self._unmapped = unmapped
         self._close_direct()
@@ -274,7 +277,7 @@ class Dataset:
         for spec in self.fields.values():
             # Small rows (labels) stay buffered: their file is small enough to stay in
             # the page cache, and a direct read would fetch a whole block per row.
-            if spec.encoding != "raw" or _row_bytes(spec) < ALIGN:
+            if not self._big_rows(spec):
                 continue
             fname = spec.files()[0]
             f = self._files[fname]
@@ -294,45 +297,66 @@ class Dataset:
         for d in direct.values():
             d.close()
 
+    def _stored_row(self, spec: FieldSpec) -> float:
+        """A field's bytes per sample on disk (the mean, for an encoded field)."""
+        if spec.encoding == "raw":
+            return _row_bytes(spec)
+        o = self._maps[spec.files()[1]]
+        return (int(o[-1]) - int(o[0])) / max(1, self.count)
+
+    def _big_rows(self, spec: FieldSpec) -> bool:
+        """True if a field's samples average a block (:data:`ALIGN`) or more on disk."""
+        return self._stored_row(spec) >= ALIGN
+
     @property
     def buffered(self) -> bool:
-        """True if bytes worth announcing ahead are read through the page cache: an
-        encoded field, or a raw field of big rows not read directly (labels do not count).
+        """True if bytes worth announcing ahead are read through the page cache: a field
+        not read directly, of more than a few bytes a sample (labels do not count).
         """
         return any(
-            spec.encoding != "raw"
-            or (spec.files()[0] not in self._direct and _row_bytes(spec) >= ALIGN)
+            spec.files()[0] not in self._direct and self._stored_row(spec) > _FEW_BYTES
             for spec in self.fields.values()
         )
 
     @property
     def direct_fields(self) -> tuple[str, ...]:
-        """The raw fields read past the page cache now (:meth:`staged`); often none."""
+        """The fields read past the page cache now (:meth:`staged`); often none."""
         return tuple(n for n, s in self.fields.items() if s.files()[0] in self._direct)
 
     @contextlib.contextmanager
     def staged(self, name: str, ids: NDArray[np.integer]) -> Iterator[Staged]:
-        """Samples ``ids`` of raw field ``name`` read past the page cache, all at once.
+        """Samples ``ids`` of field ``name`` read past the page cache, all at once.
 
-        ``staged.row(k)`` is sample ``ids[k]`` as bytes, valid inside the block only.
-        ``name`` must be one of :attr:`direct_fields`; a truncated file is a StaleError.
+        ``staged.row(k)`` is sample ``ids[k]`` as stored (a raw row's bytes, or an
+        encoded sample's file bytes), valid inside the block only. ``name`` must be one
+        of :attr:`direct_fields`; a truncated file is a StaleError.
         """
-        spec = self._spec(name, "raw")
-        assert spec.shape is not None
+        spec = self.fields.get(name)
+        if spec is None:
+            raise KeyError(f"dataset {self.name!r} has no field {name!r}")
         fname = spec.files()[0]
         d = self._direct.get(fname)
         if d is None:
-            raise ValueError(f"{self.path}: direct reads are off")
+            raise ValueError(f"{self.path}: direct reads are off for field {name!r}")
         at = np.asarray(ids, np.int64)
         if len(at) and (int(at.min()) < 0 or int(at.max()) >= self.count):
             raise IndexError(f"sample ids out of range for {self.count} samples")
-        row = _row_bytes(spec)
+        size: int | NDArray[np.int64]
+        if spec.encoding == "raw":
+            size = _row_bytes(spec)
+            offsets = at * size
+            nbytes = size * len(at)
+        else:
+            o = self._maps[spec.files()[1]]  # in memory (loaded at open)
+            offsets = o[at].astype(np.int64)
+            size = o[at + 1].astype(np.int64) - offsets
+            nbytes = int(size.sum())
         try:
-            got = d.read(at * row, row)
+            got = d.read(offsets, size)
         except (OSError, EOFError, ValueError) as exc:  # ValueError: closed meanwhile
             raise StaleError(self.path / fname, f"direct read failed: {exc}") from None
         try:
-            self.read_stats.add(0, row * len(at), got.waited_s)
+            self.read_stats.add(0, nbytes, got.waited_s)
             yield got
         finally:
             got.release()
@@ -367,7 +391,8 @@ class Dataset:
             yield ok
 
     def willneed(self, ids: NDArray[np.integer]) -> int:
-        """Ask the kernel to start reading samples ``ids`` of every field; returns the bytes.
+        """Ask the kernel to start reading samples ``ids`` of every field not read
+        directly (:attr:`direct_fields`); returns the bytes.
 
         ``posix_fadvise(WILLNEED)`` queues the reads and returns without waiting for
         them, so one call per run of consecutive ids keeps the disk's queue full from
@@ -391,6 +416,8 @@ class Dataset:
         runs = [0, *(np.flatnonzero(np.diff(order) != 1) + 1).tolist(), len(order)]
         spans: list[tuple[str, int, int]] = []
         for spec in self.fields.values():
+            if spec.files()[0] in self._direct:
+                continue  # read past the page cache: announcing it would only fill the cache
             if spec.encoding == "raw":
                 assert spec.shape is not None
                 row = spec.dtype.itemsize * math.prod(spec.shape)
@@ -589,10 +616,18 @@ class Dataset:
 
         The shape is the one a raw field of the same role has, whatever the storage.
         """
+        return self.decode(name, self._index(i), self.encoded(name, i))
+
+    def decode(
+        self, name: str, i: int, stored: bytes | memoryview | NDArray[np.uint8]
+    ) -> NDArray[np.uint8]:
+        """Sample ``i`` of encoded field ``name`` decoded from ``stored``, its bytes as read
+        (:meth:`encoded`, or a :meth:`staged` row); FormatError if they do not decode
+        to the recorded size.
+        """
         spec = self._spec(name, "image")
-        i = self._index(i)
         mask = spec.role == "mask"
-        img = decode_image(self.encoded(name, i), spec.channels or 3, mask=mask)
+        img = decode_image(stored, spec.channels or 3, mask=mask)
         if img is None or img.shape[:2] != tuple(self.sizes(name)[i]):
             raise FormatError(
                 self.path / spec.files()[0],
@@ -646,6 +681,11 @@ class Dataset:
 
     def __repr__(self) -> str:
         return f"Dataset({str(self.path)!r}, count={self.count}, fields={list(self.fields)})"
+
+
+_FEW_BYTES = 256
+"""A field of this many bytes a sample or fewer (labels) is not worth announcing: its
+file is small beside the images', and stays in the page cache."""
 
 
 def _row_bytes(spec: FieldSpec) -> int:

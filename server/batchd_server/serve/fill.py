@@ -83,35 +83,35 @@ def row_chunks(rows: int, parts: int) -> list[tuple[int, int]]:
 
 @contextlib.contextmanager
 def staged_rows(
-    ds: Dataset, ids: NDArray[np.int64], raw: list[str]
+    ds: Dataset, ids: NDArray[np.int64]
 ) -> Iterator[Callable[[int, int], dict[str, NDArray[Any]]]]:
-    """``load(k, i)``: raw fields of sample ``i = ids[k]``, its direct fields read up front.
+    """``load(k, i)``: every field of sample ``i = ids[k]``, its direct fields read up front.
 
-    Every direct read of ``ids`` is in flight at once (one ``io_submit``), before the
-    caller takes the copy lock; other raw fields (labels) are read from the page cache.
+    Every direct read of ``ids`` is in flight at once (one ``io_submit`` per field),
+    before the caller takes the copy lock or decodes; the other fields (labels, small
+    rows) are read from the page cache. Encoded fields come back decoded.
     """
-    specs, direct = ds.fields, ds.direct_fields
+    specs, direct = ds.fields, set(ds.direct_fields)
     with contextlib.ExitStack() as stack:
-        staged = [
-            (name, stack.enter_context(ds.staged(name, ids)), specs[name])
-            for name in raw
-            if name in direct
-        ]
-        buffered = [
-            (name, np.empty(specs[name].shape or (), specs[name].dtype))
-            for name in raw
-            if name not in direct
-        ]
+        staged = {
+            name: stack.enter_context(ds.staged(name, ids)) for name in specs if name in direct
+        }
+        scratch = {
+            name: np.empty(spec.shape or (), spec.dtype)
+            for name, spec in specs.items()
+            if name not in direct and spec.encoding == "raw"
+        }
 
-        def load(k: int, i: int) -> dict[str, NDArray[Any]]:
-            sample = {
-                name: st.row(k).view(spec.dtype).reshape(spec.shape or ())
-                for name, st, spec in staged
-            }
-            sample.update((name, ds.read_row(name, i, buf)) for name, buf in buffered)
-            return sample
+        def field(name: str, k: int, i: int) -> NDArray[Any]:
+            spec = specs[name]
+            st = staged.get(name)
+            if spec.encoding != "raw":
+                return ds.image(name, i) if st is None else ds.decode(name, i, st.row(k))
+            if st is None:
+                return ds.read_row(name, i, scratch[name])
+            return st.row(k).view(spec.dtype).reshape(spec.shape or ())
 
-        yield load
+        yield lambda k, i: {name: field(name, k, i) for name in specs}
 
 
 def walks_alone(ds: Dataset, pipeline: Pipeline) -> bool:
@@ -166,16 +166,11 @@ def filler(
                 maps = {name: np.asarray(ds.array(name)) for name in raw}  # not np.memmap
                 row = lambda name, i: maps[name][i]  # noqa: E731
             elif ds.direct_fields:
-                with staged_rows(ds, ids[a:b], raw) as staged:
-
-                    def staged_load(r: int) -> dict[str, NDArray[Any]]:
-                        i = int(ids[r])
-                        sample = staged(r - a, i)
-                        sample.update((name, ds.image(name, i)) for name in encoded)
-                        return sample
-
-                    with serial:
-                        pipeline.run(staged_load, ids, seed, epoch, out, range(a, b), fields=specs)
+                with staged_rows(ds, ids[a:b]) as staged, serial:
+                    pipeline.run(
+                        lambda r: staged(r - a, int(ids[r])),
+                        ids, seed, epoch, out, range(a, b), fields=specs,
+                    )  # fmt: skip
                 return
             else:
                 # One scratch row per raw field: Pipeline.run consumes each loaded

@@ -11,7 +11,7 @@ import pytest
 from batchd_server.errors import StaleError
 from batchd_server.format import direct, open_dataset
 from batchd_server.format.direct import ALIGN, open_direct
-from serverproc import tiny_pack
+from serverproc import jpeg_pack, tiny_pack
 
 HW = 64  # 12 KiB rows: big enough to be read directly (labels, 8 bytes, stay buffered)
 
@@ -56,6 +56,25 @@ def test_reads_at_any_offset_give_the_files_bytes(
         f.read(np.array([0], np.int64), 10)
 
 
+def test_samples_of_different_sizes_are_read_in_one_go(blob: tuple[Path, bytes]) -> None:
+    path, data = blob
+    f = open_direct(path)
+    assert not isinstance(f, str)
+    try:
+        offsets = np.array([5, ALIGN - 3, 0, 2 * ALIGN, 4 * ALIGN + 1], np.int64)
+        sizes = np.array([ALIGN + 9, 3, 0, 2 * ALIGN, ALIGN + 122], np.int64)  # to the end
+        got = f.read(offsets, sizes)
+        try:
+            for k, (o, n) in enumerate(zip(offsets.tolist(), sizes.tolist(), strict=True)):
+                assert got.row(k).tobytes() == data[o : o + n]
+        finally:
+            got.release()
+        with pytest.raises(EOFError, match="short read"):
+            f.read(np.array([0, 4 * ALIGN], np.int64), np.array([1, ALIGN + 124], np.int64))
+    finally:
+        f.close()
+
+
 def test_a_filesystem_that_refuses_o_direct_is_said_why(
     blob: tuple[Path, bytes], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -90,6 +109,32 @@ def test_a_pack_read_directly_gives_the_mapped_bytes(tmp_path: Path) -> None:
             pass
         ds.set_read_path(None)  # fits again: mapped, nothing direct
         assert ds.direct_fields == ()
+
+
+def test_an_encoded_pack_read_directly_decodes_the_same_images(tmp_path: Path) -> None:
+    pack = jpeg_pack(tmp_path / "p", n=12, hw=HW)
+    _direct_or_skip(pack / "image.data")
+    with open_dataset(pack) as ds:
+        want = [(bytes(ds.encoded("image", i)), ds.image("image", i)) for i in range(ds.count)]
+        ds.set_read_path("testing", direct=True)
+        assert ds.direct_fields == ("image",) and not ds.buffered  # labels stay buffered
+        ids = np.array([3, 11, 0, 3, 7], np.int64)
+        with ds.staged("image", ids) as got:
+            for k, i in enumerate(ids.tolist()):
+                assert got.row(k).tobytes() == want[i][0]
+                np.testing.assert_array_equal(ds.decode("image", i, got.row(k)), want[i][1])
+        stored = sum(len(want[i][0]) for i in ids.tolist())
+        assert ds.read_stats.waited_bytes == stored
+        assert ds.willneed(ids) == 8 * len(set(ids.tolist()))  # the labels only
+
+
+def test_small_encoded_samples_stay_in_the_page_cache(tmp_path: Path) -> None:
+    pack = jpeg_pack(tmp_path / "p", n=12, hw=16)  # well under a block each
+    _direct_or_skip(pack / "image.data")
+    with open_dataset(pack) as ds:
+        ds.set_read_path("testing", direct=True)
+        assert ds.direct_fields == () and ds.buffered  # announced ahead instead
+        assert ds.reads.startswith("preadv (testing")
 
 
 def test_a_file_truncated_under_direct_reads_is_stale(tmp_path: Path) -> None:

@@ -7,6 +7,7 @@ import asyncio
 import dataclasses
 import errno
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ from batchd_server.serve.memory import MemoryPlan, _cgroup_limit, plan
 from batchd_server.serve.metrics import dataset_resident_bytes
 from batchd_server.serve.registry import Registry
 from batchd_server.serve.request import BatchRequest
-from serverproc import tiny_pack
+from serverproc import jpeg_pack, tiny_pack
 
 # A budget no pack fits: nothing cached; rows this small are read ahead with preadv.
 TIGHT = MemoryPlan(
@@ -230,10 +231,13 @@ def test_a_split_job_reads_ahead_the_split_samples_only(
 AUG64 = '[{"op":"random_crop","size":40},{"op":"hflip"}]'
 
 
-def test_an_engine_over_budget_reads_directly_with_the_same_bytes(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("make", "images"), [(tiny_pack, "image.raw"), (jpeg_pack, "image.data")])
+def test_an_engine_over_budget_reads_directly_with_the_same_bytes(
+    tmp_path: Path, make: Callable[..., Path], images: str
+) -> None:
     root = tmp_path / "data"
-    tiny_pack(root / "tiny", n=40, hw=64)
-    got = open_direct(root / "tiny" / "image.raw")
+    make(root / "tiny", n=40, hw=64)
+    got = open_direct(root / "tiny" / images)
     if isinstance(got, str):  # tests/server/format/test_direct.py tests the refusal
         pytest.skip(f"the test folder's filesystem cannot read directly: {got}")
     got.close()
@@ -258,7 +262,8 @@ def test_an_engine_over_budget_reads_directly_with_the_same_bytes(tmp_path: Path
         assert asyncio.run(batches(buffered)) == want
         ds = tight.registry.get("tiny")
         assert ds.reads.startswith("direct (")
-        assert ds.read_stats.waited_bytes >= 40 * 64 * 64 * 3
+        assert ds.direct_fields == ("image",)
+        assert ds.read_stats.waited_bytes >= (root / "tiny" / images).stat().st_size
         assert tight.metrics.announced_bytes._value.get() == 0  # nothing to read ahead
         assert buffered.registry.get("tiny").reads.startswith("preadv (")
         assert buffered.metrics.announced_bytes._value.get() > 0
