@@ -163,7 +163,9 @@ def run(cfg: BenchConfig, only: tuple[str, ...] = ALL, command: str = "") -> dic
         (
             "over-memory",
             "bench_overmem",
-            ["--count", "4000", "--seconds", "8"] if quick else ["--count", "20000", "--reps", "3"],
+            ["--count", "4000", "--seconds", "8", "--packs", "raw"]
+            if quick
+            else ["--count", "20000", "--reps", "3"],
         ),
     ):
         if name in only:

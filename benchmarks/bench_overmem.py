@@ -1,10 +1,12 @@
-"""A raw pack bigger than the server's memory: batchd against the disk's own limit.
+"""Packs bigger than the server's memory: batchd against the disk's and the decoder's limits.
 
 The server runs inside a memory cgroup (v1 ``memory.limit_in_bytes`` or v2
 ``memory.max``, as root) limited to ``--limit-share`` of the pack (0.4 by default),
 so the page cache cannot hold the pack: what a container with a memory limit, or a
 200 GB pack on a 64 GB box, does. Every contender starts from a cold page cache
-(``/proc/sys/vm/drop_caches``) and runs for ``--seconds``; all in one run:
+(``/proc/sys/vm/drop_caches``) and runs for ``--seconds``; all in one run.
+
+A raw pack (``--count`` 256x256 RGB images of noise: 1.5 GB for 8,000):
 
 - ``disk-qdN``: the disk's random-read limit for the pack's sample size, N threads
   each ``pread``-ing whole samples in a random order, each sample once (queue depth
@@ -17,19 +19,31 @@ so the page cache cannot hold the pack: what a container with a memory limit, or
 - ``batchd-2-seeds``: two trainers with different seeds (aggregate images/s);
 - ``batchd-4-same``: four trainers of the same job (their batches are computed once).
 
+An encoded pack (``--encoded-count`` 256x256 JPEGs, q90, of the benchmark set's
+images: about 19 KB each, 1.5 GB for 80,000), where decoding, not the disk, is the
+limit (the disk reads such samples several times faster than two cores decode them):
+
+- ``enc-decode-limit``: the pack's first 4,000 JPEGs decoded from memory by simplejpeg
+  in a tight loop, one thread per core, no server and no cgroup: the work's ceiling;
+- ``enc-dataloader-cv2``: a torch DataLoader (2 workers, ``pread`` + ``cv2.imdecode``
+  of each sample, crop 224 + flip) inside the cgroup;
+- ``enc-batchd-1``, ``enc-batchd-1-buffered``, ``enc-batchd-2-seeds``,
+  ``enc-batchd-4-same``: as for the raw pack;
+- ``enc-batchd-1-warm``: one trainer of a server with no memory limit, the pack in
+  the page cache: what the limit costs.
+
 For each batchd contender: images/s, the first batch's latency, bytes read from disk
-per job and epoch over the pack's size (``batchd_disk_read_bytes``; 1.0 is ideal), the
+per job and epoch over the pack's size (``batchd_disk_read_bytes`` from the server's
+start on; 1.0 is ideal, or the block rounding of small samples for JPEGs), the
 read-ahead hit rate (the share of bytes the gather read that were already in the page
 cache) and the share of the gather threads' time spent waiting on the disk, crops
-checked against the pack, and OOM kills of the server during the run.
+checked against the pack (a sample of rows of every run: each served crop must be a
+crop of the stored image, mirrored or not), and OOM kills of the server
+(``memory.oom_control``) during the run.
 
-It also records whether the server was OOM-killed (``memory.oom_control``) and checks
-that the bytes served equal the pack's (every batch's crop is compared with a crop of
-the pack read directly, for a sample of rows).
-
-Run: ``python -m benchmarks.bench_overmem [--json] [--count 8000] [--seconds 20]``.
-Where no cgroup can be made (not root, no memory controller) it says so and exits 0
-with ``{"skipped": reason}``.
+Run: ``python -m benchmarks.bench_overmem [--json] [--count 8000] [--seconds 20]
+[--packs raw,encoded]``. Where no cgroup can be made (not root, no memory controller)
+it says so and exits 0 with ``{"skipped": reason}``.
 """
 
 from __future__ import annotations
@@ -44,11 +58,14 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
 
 from ._harness import _batchd_command, _healthy, free_port
 
@@ -103,31 +120,95 @@ def drop_caches() -> None:
 # --- data ---------------------------------------------------------------------------------
 
 
-def make_pack(count: int) -> Path:
+@dataclass(frozen=True)
+class Pack:
+    """A benchmark pack: its directory (dataset ``big``), sample count and image file."""
+
+    path: Path
+    count: int
+    encoded: bool
+
+    @property
+    def images(self) -> Path:
+        return self.path / ("image.data" if self.encoded else "image.raw")
+
+    @property
+    def nbytes(self) -> int:
+        return self.images.stat().st_size
+
+    def source(self) -> Callable[[int], NDArray[np.uint8]]:
+        """``image(i)``: sample ``i`` as stored (decoded, for an encoded pack)."""
+        if not self.encoded:
+            arr = np.memmap(self.images, np.uint8, "r", shape=(self.count, SIZE, SIZE, 3))
+            return lambda i: np.asarray(arr[i])
+        from batchd_server.format import open_dataset
+
+        ds = open_dataset(self.path)
+        return lambda i: ds.image("image", i)
+
+
+def make_pack(count: int) -> Pack:
     """A raw pack of ``count`` 256x256 RGB images of noise (incompressible) and labels."""
     from batchd_server import DatasetWriter, FieldSpec
 
-    data = WORK / f"data{count}"
-    out = data / "big"
+    out = WORK / f"data{count}" / "big"
+    if not out.is_dir():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        image = FieldSpec(
+            name="image", dtype=np.dtype("u1"), shape=(SIZE, SIZE, 3), role="image",
+            encoding="raw", channels=3,
+        )  # fmt: skip
+        rng = np.random.default_rng(0)
+        with DatasetWriter(out, [image, _label_spec()]) as writer:
+            for start in range(0, count, 500):
+                n = min(500, count - start)
+                block = rng.integers(0, 256, (n, SIZE, SIZE, 3), dtype=np.uint8)
+                writer.append_block({"image": block, "label": np.arange(start, start + n)}, n)
+            writer.commit({"by": "benchmarks/bench_overmem.py"})
+    return Pack(out, count, encoded=False)
+
+
+def make_jpeg_pack(count: int) -> Pack:
+    """An encoded pack of ``count`` 256x256 JPEGs (q90) of the benchmark set's images."""
+    import cv2
+
+    from batchd_server import DatasetWriter, Encoded, FieldSpec
+
+    from ._data import image
+
+    out = WORK / f"jpeg{count}" / "big"
     if out.is_dir():
-        return out
-    data.mkdir(parents=True, exist_ok=True)
-    image = FieldSpec(
-        name="image", dtype=np.dtype("u1"), shape=(SIZE, SIZE, 3), role="image",
-        encoding="raw", channels=3,
+        return Pack(out, count, encoded=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    spec = FieldSpec(
+        name="image", dtype=np.dtype("u1"), shape=None, role="image", encoding="image",
+        channels=3,
     )  # fmt: skip
-    label = FieldSpec(
+
+    def encode(i: int) -> Encoded:
+        bgr = cv2.cvtColor(image(i, SIZE)[0], cv2.COLOR_RGB2BGR)
+        ok, jpg = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, 90])
+        assert ok
+        return Encoded(jpg.tobytes(), SIZE, SIZE)
+
+    step = 2000
+    with DatasetWriter(out, [spec, _label_spec()]) as writer, ThreadPoolExecutor() as pool:
+        for start in range(0, count, step):  # cv2 releases the GIL: every core encodes
+            ids = range(start, min(count, start + step))
+            block = {"image": list(pool.map(encode, ids)), "label": np.asarray(ids)}
+            writer.append_block(block, len(ids))
+            print(f"[overmem] encoded {ids.stop:,}/{count:,}", file=sys.stderr, flush=True)
+        writer.commit({"by": "benchmarks/bench_overmem.py"})
+    return Pack(out, count, encoded=True)
+
+
+def _label_spec() -> Any:
+    from batchd_server import FieldSpec
+
+    return FieldSpec(
         name="label", dtype=np.dtype("<i8"), shape=(), role="value", encoding="raw",
         channels=None,
     )  # fmt: skip
-    rng = np.random.default_rng(0)
-    with DatasetWriter(out, [image, label]) as writer:
-        for start in range(0, count, 500):
-            n = min(500, count - start)
-            block = rng.integers(0, 256, (n, SIZE, SIZE, 3), dtype=np.uint8)
-            writer.append_block({"image": block, "label": np.arange(start, start + n)}, n)
-        writer.commit({"by": "benchmarks/bench_overmem.py"})
-    return out
 
 
 # --- contenders ---------------------------------------------------------------------------
@@ -195,23 +276,67 @@ print(n / (time.perf_counter() - t0))
 """
 
 
-def dataloader(pack: Path, count: int, cg: Cgroup, seconds: float) -> float:
+_LOADER_JPEG = """
+import os, sys, time, cv2, numpy as np, torch
+from torch.utils.data import DataLoader, Dataset
+pack, count, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+offsets = np.fromfile(os.path.join(pack, "image.offsets"), dtype="<i8")
+class Jpeg(Dataset):
+    def __init__(self): self.fd = None
+    def __len__(self): return count
+    def __getitem__(self, i):
+        if self.fd is None:
+            cv2.setNumThreads(1)
+            self.fd = os.open(os.path.join(pack, "image.data"), os.O_RDONLY)
+        lo, hi = int(offsets[i]), int(offsets[i + 1])
+        img = cv2.imdecode(np.frombuffer(os.pread(self.fd, hi - lo, lo), np.uint8), 1)
+        img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+        y, x = np.random.randint(0, 33, 2)
+        img = img[y:y + 224, x:x + 224]
+        img = img[:, ::-1] if np.random.rand() < 0.5 else img
+        return torch.from_numpy(np.ascontiguousarray(img))
+loader = DataLoader(Jpeg(), batch_size=256, shuffle=True, num_workers=2)
+n, t0 = 0, time.perf_counter()
+while time.perf_counter() - t0 < seconds:
+    for b in loader:
+        n += len(b)
+        if time.perf_counter() - t0 > seconds: break
+print(n / (time.perf_counter() - t0))
+"""
+
+
+def dataloader(pack: Pack, cg: Cgroup, seconds: float) -> float:
     drop_caches()
+    script, target = (_LOADER_JPEG, pack.path) if pack.encoded else (_LOADER, pack.images)
     out = subprocess.run(
-        [sys.executable, "-c", _LOADER, str(pack / "image.raw"), str(count), str(seconds)],
+        [sys.executable, "-c", script, str(target), str(pack.count), str(seconds)],
         capture_output=True, text=True, preexec_fn=cg.enter, timeout=seconds * 4 + 120,
         check=True,
     )  # fmt: skip
     return float(out.stdout.split()[-1])
 
 
+def decode_limit(pack: Pack, n: int = 4000) -> float:
+    """simplejpeg decoding ``n`` of the pack's JPEGs from memory on every core (images/s)."""
+    import simplejpeg
+
+    from batchd_server.format import open_dataset
+
+    from .bench_decode import decode_limit as tight_loop
+
+    with open_dataset(pack.path) as ds:
+        blobs = [bytes(ds.encoded("image", i)) for i in range(min(n, pack.count))]
+    got = tight_loop(blobs, lambda b: simplejpeg.decode_jpeg(b, colorspace="RGB"), 3)
+    return float(got["images_per_s"]["median"])
+
+
 @contextmanager
-def server(data: Path, cg: Cgroup, args: list[str]) -> Iterator[str]:
+def server(data: Path, cg: Cgroup | None, args: list[str]) -> Iterator[str]:
     port = free_port()
     log = open(WORK / "server.log", "w")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(
         [*_batchd_command(), "serve", "--data", str(data), "--port", str(port), *args],
-        stdout=log, stderr=subprocess.STDOUT, preexec_fn=cg.enter,
+        stdout=log, stderr=subprocess.STDOUT, preexec_fn=cg.enter if cg else None,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
@@ -226,37 +351,39 @@ def server(data: Path, cg: Cgroup, args: list[str]) -> Iterator[str]:
         log.close()
 
 
-def _trainer(url: str, seed: int, seconds: float, pack: Path | None, out: list[Any]) -> None:
+def _trainer(url: str, seed: int, seconds: float, pack: Pack | None, out: list[Any]) -> None:
     try:
         _train(url, seed, seconds, pack, out)
     except Exception as exc:  # reported by batchd() with the others' results
         out.append({"error": f"{type(exc).__name__}: {exc}"})
 
 
-def _train(url: str, seed: int, seconds: float, pack: Path | None, out: list[Any]) -> None:
+def _is_crop_of(img: NDArray[np.uint8], src: NDArray[np.uint8]) -> bool:
+    """True if ``img`` is some ``CROP`` crop of ``src``, mirrored or not."""
+    return any(
+        np.array_equal(img, v[y : y + CROP, x : x + CROP])
+        for v in (src, src[:, ::-1])
+        for y in range(SIZE - CROP + 1)
+        for x in range(SIZE - CROP + 1)
+        if v[y, x, 0] == img[0, 0, 0]
+    )
+
+
+def _train(url: str, seed: int, seconds: float, pack: Pack | None, out: list[Any]) -> None:
     from batchd import Client
 
     client = Client(url, "big", batch_size=BATCH, seed=seed, augment=AUGMENT, retry_deadline=10)
     n, first, epoch, t0 = 0, None, 0, time.perf_counter()
     checked = bad = 0
-    shape = (_count(pack), SIZE, SIZE, 3) if pack else (0,)
-    ref = np.memmap(pack / "image.raw", np.uint8, "r", shape=shape) if pack else None
+    source = pack.source() if pack else None
     while time.perf_counter() - t0 < seconds:
         for batch in client.iterate(epoch):
             n += len(batch["index"])
             if first is None:
                 first = time.perf_counter() - t0
-            if ref is not None and checked < 64:  # the served crop is some crop of the pack's
-                i, img = int(batch["index"][0]), batch["image"][0]
-                src = np.asarray(ref[i])
-                found = any(
-                    np.array_equal(img, v[y : y + CROP, x : x + CROP])
-                    for v in (src, src[:, ::-1])
-                    for y in range(SIZE - CROP + 1)
-                    for x in range(SIZE - CROP + 1)
-                    if v[y, x, 0] == img[0, 0, 0]
-                )
-                checked, bad = checked + 1, bad + (not found)
+            if source is not None and checked < 64:  # the served crop is a crop of the pack's
+                i = int(batch["index"][0])
+                checked, bad = checked + 1, bad + (not _is_crop_of(batch["image"][0], source(i)))
             if time.perf_counter() - t0 > seconds:
                 break
         epoch += 1
@@ -287,11 +414,21 @@ def _read_metrics(url: str) -> dict[str, float]:
 
 
 def batchd(
-    pack: Path, cg: Cgroup, seeds: list[int], seconds: float, args: list[str]
+    pack: Pack, cg: Cgroup | None, seeds: list[int], seconds: float, args: list[str]
 ) -> dict[str, Any]:
-    drop_caches()
-    kills_before = cg.oom_kills()
-    with server(pack.parent, cg, args) as url:
+    """batchd trainers against a server in ``cg`` (cold cache), or in none (warm cache)."""
+    if cg is None:
+        for _ in range(2):  # read into the page cache, where the unlimited server keeps it
+            with open(pack.images, "rb") as f:
+                while f.read(16 << 20):
+                    pass
+    else:
+        drop_caches()
+    kills_before = cg.oom_kills() if cg else 0
+    with server(pack.path.parent, cg, args) as url:
+        # What the server read to start (its Python modules and libraries, after the
+        # cache was dropped) is not the pack's: counted from here.
+        start = _read_metrics(url)
         results: list[Any] = []
         threads = [
             threading.Thread(
@@ -304,6 +441,7 @@ def batchd(
         for t in threads:
             t.join()
         reads = _read_metrics(url)
+        reads["disk"] -= start["disk"]
     errors = [r["error"] for r in results if "error" in r]
     if errors:
         raise RuntimeError("; ".join(errors))
@@ -313,54 +451,81 @@ def batchd(
     return {
         "images_per_s": images / wall,
         "first_batch_s": min(r["first_s"] or wall for r in results),
-        "epochs": images / len(seeds) / _count(pack),
+        "epochs": images / len(seeds) / pack.count,
         # Each job (distinct seed) reads the pack once per epoch at best: 1.0 is ideal.
         "disk_bytes_over_pack_per_job_epoch": disk
-        / max(1e-9, images / len(seeds) * len(set(seeds)) / _count(pack))
-        / (pack / "image.raw").stat().st_size,
+        / max(1e-9, images / len(seeds) * len(set(seeds)) / pack.count)
+        / pack.nbytes,
         # Of the bytes the gather read with preadv, the share read ahead in time; and
         # the share of the gather threads' time spent blocked on the disk.
         "read_hit_rate": reads["ready"] / read if read else None,
         "read_wait_share": reads["wait_s"] / (wall * max(1.0, reads["threads"])),
         "wrong_crops": sum(r["bad"] for r in results),
-        "oom_kills": cg.oom_kills() - kills_before,
+        "oom_kills": (cg.oom_kills() - kills_before) if cg else 0,
     }
 
 
-def _count(pack: Path) -> int:
-    return (pack / "image.raw").stat().st_size // (SIZE * SIZE * 3)
+def _block_rounding(pack: Pack) -> float:
+    """Bytes a read of every sample takes, in whole 4 KiB blocks, over the bytes stored.
+
+    The disk (and the page cache) move whole blocks: a 19 KB JPEG is read as the five or
+    six blocks it touches, so an epoch reads more than the pack's size, buffered or not.
+    """
+    o = np.fromfile(pack.path / "image.offsets", "<i8")
+    heads, sizes = o[:-1] % 4096, np.diff(o)
+    return float((-(-(heads + sizes) // 4096) * 4096).sum() / max(1, int(sizes.sum())))
 
 
-def run(count: int, seconds: float, share: float, reps: int) -> dict[str, Any]:
-    problem = _cgroup_problem()
-    if problem:
-        return {"skipped": problem}
-    pack = make_pack(count)
-    size = (pack / "image.raw").stat().st_size
-    cg = Cgroup("batchd_bench_overmem", int(size * share))
-    report: dict[str, Any] = {
-        "pack_bytes": size,
-        "limit_bytes": cg.limit,
-        "cache": "cold (drop_caches before each contender)",
-        "runs": [],
-    }
-    contenders: dict[str, Callable[[], Any]] = {
-        **{
-            f"disk-qd{d}": (lambda d=d: disk_limit(pack / "image.raw", count, d, min(seconds, 8)))
-            for d in (1, 4, 16, 64)
-        },
-        **{
-            f"disk-direct-qd{d}": (
-                lambda d=d: disk_limit(pack / "image.raw", count, d, min(seconds, 8), direct=True)
-            )
-            for d in (16, 64)
-        },
-        "dataloader-memmap": lambda: dataloader(pack, count, cg, seconds),
+def _raw_contenders(pack: Pack, cg: Cgroup, seconds: float) -> dict[str, Callable[[], Any]]:
+    def disk(depth: int, direct: bool) -> Callable[[], float]:
+        return lambda: disk_limit(pack.images, pack.count, depth, min(seconds, 8), direct=direct)
+
+    return {
+        **{f"disk-qd{d}": disk(d, False) for d in (1, 4, 16, 64)},
+        **{f"disk-direct-qd{d}": disk(d, True) for d in (16, 64)},
+        "dataloader-memmap": lambda: dataloader(pack, cg, seconds),
         "batchd-1": lambda: batchd(pack, cg, [1], seconds, []),
         "batchd-1-buffered": lambda: batchd(pack, cg, [1], seconds, ["--no-direct-reads"]),
         "batchd-2-seeds": lambda: batchd(pack, cg, [1, 2], seconds, []),
         "batchd-4-same": lambda: batchd(pack, cg, [1, 1, 1, 1], seconds, []),
     }
+
+
+def _encoded_contenders(pack: Pack, cg: Cgroup, seconds: float) -> dict[str, Callable[[], Any]]:
+    return {
+        "enc-decode-limit": lambda: decode_limit(pack),
+        "enc-dataloader-cv2": lambda: dataloader(pack, cg, seconds),
+        "enc-batchd-1": lambda: batchd(pack, cg, [1], seconds, []),
+        "enc-batchd-1-buffered": lambda: batchd(pack, cg, [1], seconds, ["--no-direct-reads"]),
+        "enc-batchd-2-seeds": lambda: batchd(pack, cg, [1, 2], seconds, []),
+        "enc-batchd-4-same": lambda: batchd(pack, cg, [1, 1, 1, 1], seconds, []),
+        "enc-batchd-1-warm": lambda: batchd(pack, None, [1], seconds, []),
+    }
+
+
+def run(
+    count: int, seconds: float, share: float, reps: int, *, packs: tuple[str, ...] = ("raw",),
+    encoded_count: int = 80000,
+) -> dict[str, Any]:  # fmt: skip
+    problem = _cgroup_problem()
+    if problem:
+        return {"skipped": problem}
+    report: dict[str, Any] = {"cache": "cold (drop_caches before each contender)", "runs": []}
+    contenders: dict[str, Callable[[], Any]] = {}
+    if "raw" in packs:
+        raw = make_pack(count)
+        cg = Cgroup("batchd_bench_overmem", int(raw.nbytes * share))
+        report.update(pack_bytes=raw.nbytes, limit_bytes=cg.limit)
+        contenders.update(_raw_contenders(raw, cg, seconds))
+    if "encoded" in packs:
+        enc = make_jpeg_pack(encoded_count)
+        cg = Cgroup("batchd_bench_overmem_enc", int(enc.nbytes * share))
+        report.update(
+            encoded_pack_bytes=enc.nbytes,
+            encoded_limit_bytes=cg.limit,
+            encoded_block_rounding=_block_rounding(enc),
+        )
+        contenders.update(_encoded_contenders(enc, cg, seconds))
     for rep in range(reps):
         got: dict[str, Any] = {}
         for name, fn in contenders.items():
@@ -388,7 +553,10 @@ def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
     def disk(run: dict[str, Any]) -> float:  # the device's best, through the cache or past it
         lines = [f"disk-qd{d}" for d in (1, 4, 16, 64)] + [f"disk-direct-qd{d}" for d in (16, 64)]
-        return max(x for x in (value(run, n) for n in lines) if x == x)
+        return max((x for x in (value(run, n) for n in lines) if x == x), default=float("nan"))
+
+    def ratio(a: str, b: str) -> Callable[[dict[str, Any]], float]:
+        return lambda r: value(r, a, "images_per_s") / value(r, b, "images_per_s")
 
     def total(name: str, key: str) -> int:
         return sum(int(v) for r in runs if (v := value(r, name, key)) == v)  # NaN: failed
@@ -397,7 +565,7 @@ def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
         nums = [x for x in map(f, runs) if x == x]  # NaN: a contender that failed
         return statistics.median(nums) if nums else float("nan")
 
-    return {
+    raw = {
         "disk_best_reads_per_s": med(disk),
         "batchd_1_images_per_s": med(lambda r: value(r, "batchd-1", "images_per_s")),
         "batchd_1_over_disk": med(lambda r: value(r, "batchd-1", "images_per_s") / disk(r)),
@@ -429,6 +597,35 @@ def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
         ),
         "wrong_crops": total("batchd-1", "wrong_crops"),
     }
+    enc = {
+        "decode_limit_images_per_s": med(lambda r: value(r, "enc-decode-limit")),
+        "batchd_1_images_per_s": med(lambda r: value(r, "enc-batchd-1", "images_per_s")),
+        "batchd_1_over_decode_limit": med(
+            lambda r: value(r, "enc-batchd-1", "images_per_s") / value(r, "enc-decode-limit")
+        ),
+        "batchd_1_over_warm": med(ratio("enc-batchd-1", "enc-batchd-1-warm")),
+        "batchd_1_direct_over_buffered": med(ratio("enc-batchd-1", "enc-batchd-1-buffered")),
+        "batchd_1_over_dataloader": med(
+            lambda r: value(r, "enc-batchd-1", "images_per_s") / value(r, "enc-dataloader-cv2")
+        ),
+        "batchd_2_seeds_over_1": med(ratio("enc-batchd-2-seeds", "enc-batchd-1")),
+        "batchd_4_same_over_1": med(ratio("enc-batchd-4-same", "enc-batchd-1")),
+        "batchd_4_same_disk_bytes_over_pack": med(
+            lambda r: value(r, "enc-batchd-4-same", "disk_bytes_over_pack_per_job_epoch")
+        ),
+        "first_batch_s": med(lambda r: value(r, "enc-batchd-1", "first_batch_s")),
+        "batchd_1_read_wait_share": med(lambda r: value(r, "enc-batchd-1", "read_wait_share")),
+        "oom_kills": sum(
+            total(n, "oom_kills")
+            for n in ("enc-batchd-1", "enc-batchd-2-seeds", "enc-batchd-4-same")
+        ),
+        "wrong_crops": total("enc-batchd-1", "wrong_crops")
+        + total("enc-batchd-1-warm", "wrong_crops"),
+    }
+    return {
+        **(raw if any("batchd-1" in r for r in runs) else {}),
+        **({"encoded": enc} if any("enc-batchd-1" in r for r in runs) else {}),
+    }
 
 
 def main() -> None:
@@ -437,9 +634,20 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("--limit-share", type=float, default=0.4, help="cgroup limit / pack size")
     ap.add_argument("--reps", type=int, default=1)
+    ap.add_argument(
+        "--packs", default="raw,encoded", help="which packs: raw, encoded or both (raw,encoded)"
+    )
+    ap.add_argument(
+        "--encoded-count", type=int, default=80000, help="JPEGs in the encoded pack (80000: 1.5 GB)"
+    )
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
-    report = run(a.count, a.seconds, a.limit_share, a.reps)
+    packs = tuple(p.strip() for p in a.packs.split(",") if p.strip())
+    if not packs or set(packs) - {"raw", "encoded"}:
+        ap.error(f"--packs takes raw, encoded or raw,encoded, not {a.packs!r}")
+    report = run(
+        a.count, a.seconds, a.limit_share, a.reps, packs=packs, encoded_count=a.encoded_count
+    )
     if a.json:
         print(json.dumps(report))
     else:

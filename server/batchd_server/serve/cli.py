@@ -160,7 +160,7 @@ def check_exposure(
     default=True,
     envvar="BATCHD_DIRECT_READS",
     show_default=True,
-    help="Read raw packs bigger than 3/4 of the memory budget past the page cache "
+    help="Read packs bigger than 3/4 of the memory budget past the page cache "
     "(O_DIRECT + native AIO: a batch's reads in flight at once, no page cache to fill "
     "and reclaim); --no-direct-reads reads them with preadv, announced ahead",
 )

@@ -103,7 +103,7 @@ class MemoryPlan:
     compute_bytes: int
     """Batch bodies being computed at once (more requests wait their turn)."""
     direct_reads: bool = True
-    """Read the raw fields of a pack that does not fit past the page cache (O_DIRECT)."""
+    """Read the image fields of a pack that does not fit past the page cache (O_DIRECT)."""
 
     def fits(self, pack_bytes: int) -> bool:
         """Whether a pack of this size can stay in the page cache beside everything else."""
