@@ -13,7 +13,8 @@ timed epochs after a warm-up one:
   (``/proc/<pid>/stat``);
 - ``tfdata-ram``: tf.data with the whole array in the trainer's RAM, its best pipeline
   (``from_tensor_slices`` over indices, ``map(gather + random_crop + flip,
-  num_parallel_calls=AUTOTUNE, deterministic=False)``, batch, prefetch). TensorFlow runs
+  num_parallel_calls=..., deterministic=False)``, batch, prefetch; the faster of
+  ``AUTOTUNE`` and one call per core, both timed: ``bench_decode.tf_best``). TensorFlow runs
   in its own virtual environment (``python -m benchmarks.bench_decode --setup-tf``);
   without it the line is skipped with the reason;
 - ``batchd-tcp-flip64`` / ``dataloader-memmap-flip64``: the 64x64 set, flip only (3 MB
@@ -38,7 +39,7 @@ import numpy as np
 
 from ._data import ensure_packs, image_set
 from ._harness import BenchConfig, serve, stat
-from .bench_decode import TF_VENV, _cpu_s
+from .bench_decode import TF_VENV, _cpu_s, tf_best
 from .bench_loaders import WORKLOADS
 from .bench_loaders import run as run_contender
 
@@ -50,10 +51,10 @@ _TF_SCRIPT = r"""
 import json, sys, time
 import numpy as np
 import tensorflow as tf
-array_path, crop, reps, batch = json.loads(sys.stdin.read())
+array_path, crop, reps, batch, parallel = json.loads(sys.stdin.read())
 images = tf.constant(np.load(array_path))  # the whole array, in this process's RAM
 n = int(images.shape[0])
-AUTO = tf.data.AUTOTUNE
+AUTO = tf.data.AUTOTUNE if parallel is None else parallel
 
 def sample(i):
     img = tf.gather(images, i)
@@ -63,7 +64,11 @@ def sample(i):
 ds = (tf.data.Dataset.from_tensor_slices(tf.range(n, dtype=tf.int64))
       .shuffle(n, reshuffle_each_iteration=True)
       .map(sample, num_parallel_calls=AUTO, deterministic=False)
-      .batch(batch).prefetch(AUTO))
+      .batch(batch).prefetch(AUTO if parallel is None else 4))
+if parallel is not None:  # fixed: no autotuning at all (its periods doubled up to 10 s here)
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    ds = ds.with_options(options)
 rates = []
 for rep in range(reps + 1):
     t, got = time.perf_counter(), 0
@@ -140,13 +145,17 @@ def batchd_line(
 
 
 def tf_line(array_path: Path, crop: int, reps: int) -> dict[str, Any]:
+    return tf_best(lambda parallel: _tf_run(array_path, crop, reps, parallel))
+
+
+def _tf_run(array_path: Path, crop: int, reps: int, parallel: int | None) -> dict[str, Any]:
     python = TF_VENV / "bin" / "python"
     if not python.exists():
         setup = "python -m benchmarks.bench_decode --setup-tf"
         return {"skipped": f"no TensorFlow venv at {TF_VENV}: {setup}"}
     done = subprocess.run(
         [str(python), "-c", _TF_SCRIPT],
-        input=json.dumps([str(array_path), crop, reps, 256]),
+        input=json.dumps([str(array_path), crop, reps, 256, parallel]),
         capture_output=True,
         text=True,
         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},

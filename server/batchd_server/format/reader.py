@@ -194,8 +194,6 @@ class Dataset:
             )
         n = self.count
         for spec in self.fields.values():
-            if spec.files()[0] in self._direct:
-                continue  # read past the page cache: announcing it would only fill the cache
             if spec.encoding == "raw":
                 assert spec.shape is not None
                 fname = spec.files()[0]

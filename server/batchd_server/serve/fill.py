@@ -5,7 +5,9 @@ body's field views; chunks are independent, so a batch is split over threads fre
 
 While the dataset holds a read lease (``Dataset.mapped``: no one can then truncate the
 pack, so reading the mapping cannot SIGBUS) raw fields are read from the memory map;
-otherwise with ``preadv``.
+otherwise with ``preadv``. A pack bigger than the memory budget has its big fields, raw
+or encoded, read past the page cache instead: a chunk's samples all at once
+(``Dataset.staged``, :func:`staged_rows`).
 
 * Raw fields with no ops, or flips only: each field's rows are gathered straight into
   the body (``np.take`` from the mapping, or ``preadv`` in runs of consecutive ids),
