@@ -253,6 +253,17 @@ def disk_limit(
     return sum(done) / (time.monotonic() - t0)
 
 
+# Shared by both DataLoader contenders: images/s over ``seconds`` of epochs.
+_LOOP = """
+loader = DataLoader({dataset}(), batch_size=256, shuffle=True, num_workers=2)
+n, t0 = 0, time.perf_counter()
+while time.perf_counter() - t0 < seconds:
+    for b in loader:
+        n += len(b)
+        if time.perf_counter() - t0 > seconds: break
+print(n / (time.perf_counter() - t0))
+"""
+
 _LOADER = """
 import sys, time, numpy as np, torch
 from torch.utils.data import DataLoader, Dataset
@@ -266,14 +277,8 @@ class Memmap(Dataset):
         y, x = np.random.randint(0, 33, 2)
         img = np.array(self.arr[i, y:y + 224, x:x + 224])
         return torch.from_numpy(img[:, ::-1].copy() if np.random.rand() < 0.5 else img)
-loader = DataLoader(Memmap(), batch_size=256, shuffle=True, num_workers=2)
-n, t0 = 0, time.perf_counter()
-while time.perf_counter() - t0 < seconds:
-    for b in loader:
-        n += len(b)
-        if time.perf_counter() - t0 > seconds: break
-print(n / (time.perf_counter() - t0))
 """
+_LOADER += _LOOP.format(dataset="Memmap")
 
 
 _LOADER_JPEG = """
@@ -295,14 +300,8 @@ class Jpeg(Dataset):
         img = img[y:y + 224, x:x + 224]
         img = img[:, ::-1] if np.random.rand() < 0.5 else img
         return torch.from_numpy(np.ascontiguousarray(img))
-loader = DataLoader(Jpeg(), batch_size=256, shuffle=True, num_workers=2)
-n, t0 = 0, time.perf_counter()
-while time.perf_counter() - t0 < seconds:
-    for b in loader:
-        n += len(b)
-        if time.perf_counter() - t0 > seconds: break
-print(n / (time.perf_counter() - t0))
 """
+_LOADER_JPEG += _LOOP.format(dataset="Jpeg")
 
 
 def dataloader(pack: Pack, cg: Cgroup, seconds: float) -> float:
