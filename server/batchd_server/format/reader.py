@@ -329,9 +329,7 @@ class Dataset:
         encoded sample's file bytes), valid inside the block only. ``name`` must be one
         of :attr:`direct_fields`; a truncated file is a StaleError.
         """
-        spec = self.fields.get(name)
-        if spec is None:
-            raise KeyError(f"dataset {self.name!r} has no field {name!r}")
+        spec = self._spec(name)
         fname = spec.files()[0]
         d = self._direct.get(fname)
         if d is None:
@@ -417,8 +415,7 @@ class Dataset:
             if spec.files()[0] in self._direct:
                 continue  # read past the page cache: announcing it would only fill the cache
             if spec.encoding == "raw":
-                assert spec.shape is not None
-                row = spec.dtype.itemsize * math.prod(spec.shape)
+                row = _row_bytes(spec)
                 fname = spec.files()[0]
                 for a, b in itertools.pairwise(runs):
                     spans.append(
@@ -479,13 +476,15 @@ class Dataset:
         self._maps[fname] = arr
         return arr
 
-    def _spec(self, name: str, encoding: Encoding) -> FieldSpec:
+    def _spec(self, name: str, encoding: Encoding | None = None) -> FieldSpec:
+        """Field ``name``; KeyError naming the fields if there is none, ValueError if it
+        is not stored as ``encoding`` (any storage when None)."""
         spec = self.fields.get(name)
         if spec is None:
             raise KeyError(
                 f"dataset {self.name!r} has no field {name!r} (fields: {sorted(self.fields)})"
             )
-        if spec.encoding != encoding:
+        if encoding is not None and spec.encoding != encoding:
             raise ValueError(f"field {name!r} is {spec.encoding}-encoded, not {encoding}")
         return spec
 
