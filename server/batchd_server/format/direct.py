@@ -12,7 +12,8 @@ each. The disk DMAs straight into the server's buffer; nothing is left to reclai
 ``O_DIRECT`` wants the file offset, the length and the buffer address aligned to the
 device's logical block; :data:`ALIGN` (4096) suits every common device. A sample at any
 offset is read as the aligned extent around it into a recycled aligned buffer, and
-:class:`Staged` hands out views of the sample inside it.
+:class:`Staged` hands out views of the sample inside it as each read arrives: a
+batch's copies and decodes start with its first samples, not after its last.
 
 Only the two syscalls' ABI is used (``struct iocb`` and ``struct io_event`` from
 ``linux/aio_abi.h``), through ``ctypes``: no library to install, and no binding of
@@ -29,13 +30,11 @@ import os
 import platform
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 from numpy.typing import NDArray
 
-__all__ = ["ALIGN", "DirectFile", "Staged", "open_direct"]
+__all__ = ["ALIGN", "DirectFile", "DirectReadError", "Staged", "open_direct"]
 
 ALIGN = 4096
 _MAX_EVENTS = 1024  # reads in flight per context; a batch of more is submitted in turns
@@ -105,21 +104,154 @@ class _Slot:
         _sys("destroy", self.ctx)
 
 
-@dataclass
-class Staged:
-    """Samples read into a staging buffer: :meth:`row` ``k`` is the ``k``-th sample asked for."""
+class DirectReadError(Exception):
+    """A direct read failed (an I/O error) or came back short (the file shrank)."""
 
-    buf: NDArray[np.uint8]  # the aligned extents, back to back
-    starts: list[int]  # where sample k starts in buf
-    sizes: list[int]  # and its length
-    #: seconds the caller waited for the reads
-    waited_s: float
-    #: hands the buffer back for the next read; the rows must not be used after
-    release: Callable[[], None] = lambda: None
+
+class Staged:
+    """Samples being read into a staging buffer; :meth:`row` ``k`` is the ``k``-th asked for.
+
+    The reads are all in flight when this is made, and :meth:`row` waits for its own
+    sample only: the caller copies or decodes the samples that have arrived while the
+    disk reads the rest (a batch's reads and its copies overlap). A failed or short
+    read is :class:`DirectReadError`, from the :meth:`row` (or :meth:`wait`) that needs
+    it. :meth:`release` after use; the rows must not be used after.
+    """
+
+    def __init__(
+        self,
+        file: DirectFile,
+        slot: _Slot,
+        offsets: NDArray[np.int64],
+        size: int | NDArray[np.int64],
+    ) -> None:
+        n = len(offsets)
+        sizes = np.broadcast_to(np.asarray(size, np.int64), (n,))
+        heads = offsets % ALIGN
+        lengths = -(-(heads + sizes) // ALIGN) * ALIGN  # each extent rounded up to ALIGN
+        place = np.zeros(n, np.int64)  # where each extent lands: back to back, all aligned
+        np.cumsum(lengths[:-1], out=place[1:])
+        self.buf = slot.staging(int(lengths.sum()))  # the aligned extents, back to back
+        self.starts: list[int] = (place + heads).tolist()  # where sample k starts in buf
+        self.sizes: list[int] = sizes.tolist()  # and its length
+        #: seconds the caller waited for the reads so far
+        self.waited_s = 0.0
+        self._file, self._slot = file, slot
+        self._offsets, self._heads, self._sizes = offsets, heads, sizes
+        self._extent = (offsets - heads, lengths, place)
+        self._done = np.zeros(n, bool)
+        self._next = 0  # the first sample not yet submitted
+        self._flying = 0  # submitted and not yet reaped
+        self._failed: str | None = None  # why a read failed
+        self._released = False
+        self._reap()  # the first turn in flight
+        if self._failed is not None:  # io_submit refused
+            raise DirectReadError(self._failed)
 
     def row(self, k: int) -> NDArray[np.uint8]:
+        """Sample ``k`` as stored, once its read is done (waits for it if need be)."""
+        while not self._done[k]:
+            self._reap()
         h = self.starts[k]
         return self.buf[h : h + self.sizes[k]]
+
+    def wait(self, rows: range | None = None) -> None:
+        """Wait for the reads of ``rows`` (all by default): DirectReadError if one failed."""
+        if rows is None:
+            while self._failed is None and (self._flying or self._next < len(self._done)):
+                self._reap()
+            if self._failed is not None:
+                raise DirectReadError(self._failed)
+            return
+        for k in rows:
+            while not self._done[k]:
+                self._reap()
+
+    def release(self) -> None:
+        """Wait out the reads still in flight and hand the buffer back for the next read."""
+        if self._released:
+            return
+        self._released = True
+        try:
+            while self._flying:  # the kernel writes into buf until each read is reaped
+                self._flying -= self._getevents(self._flying)
+        except OSError:
+            self._file._give_back(self._slot, reuse=False)
+            return
+        self._file._give_back(self._slot, reuse=True)
+
+    def _reap(self) -> None:
+        """Take what has arrived (at least one read), then submit the next turn if any.
+
+        Once a read has failed, every later call raises :class:`DirectReadError`; the
+        samples that arrived before it, or with it, stay usable.
+        """
+        if self._failed is not None:
+            raise DirectReadError(self._failed)
+        try:
+            if self._flying:
+                self._take(self._getevents(self._flying))
+            if not self._flying and self._failed is None:
+                self._submit()
+        except OSError as exc:
+            self._failed = f"O_DIRECT read of {self._file.path}: {exc.strerror}"
+
+    def _submit(self) -> None:
+        """The next turn of reads (at most ``_MAX_EVENTS`` in flight per context)."""
+        slot, n = self._slot, len(self._done)
+        a = self._next
+        b = min(n, a + _MAX_EVENTS)
+        k = b - a
+        if k <= 0:
+            return
+        starts, lengths, place = self._extent
+        cb = slot.iocbs[:k]
+        cb["fildes"] = self._file.fd
+        cb["opcode"] = _IOCB_CMD_PREAD
+        cb["data"] = np.arange(a, b, dtype=np.uint64)
+        cb["buf"] = self.buf.ctypes.data + place[a:b].astype(np.uint64)
+        cb["nbytes"] = lengths[a:b]
+        cb["offset"] = starts[a:b]
+        sent = 0
+        try:
+            while sent < k:  # io_submit may take fewer than it was given
+                ptrs = ctypes.c_void_p(
+                    ctypes.addressof(slot.ptrs) + sent * ctypes.sizeof(ctypes.c_void_p)
+                )
+                sent += _sys("submit", slot.ctx, ctypes.c_long(k - sent), ptrs)
+        finally:
+            self._flying += sent
+            self._next = a + sent
+
+    def _getevents(self, most: int) -> int:
+        t0 = time.perf_counter()
+        got = _sys(
+            "getevents",
+            self._slot.ctx,
+            ctypes.c_long(1),
+            ctypes.c_long(most),
+            ctypes.c_void_p(self._slot.events.ctypes.data),
+            ctypes.c_void_p(0),
+        )
+        self.waited_s += time.perf_counter() - t0
+        return got
+
+    def _take(self, got: int) -> None:
+        """Mark ``got`` reaped reads done, or note why the first bad one failed."""
+        self._flying -= got
+        ev = self._slot.events[:got]
+        res = ev["res"]
+        idx = ev["data"].astype(np.int64)
+        bad = res < self._heads[idx] + self._sizes[idx]  # an error (res < 0) or short
+        self._done[idx[~bad]] = True
+        if bad.any():
+            i, n = int(idx[bad][0]), int(res[bad][0])
+            self._failed = (
+                f"O_DIRECT read of {self._file.path}: {os.strerror(-n)}"
+                if n < 0
+                else f"short read at byte {int(self._offsets[i])} of {self._file.path} "
+                f"({n - int(self._heads[i])} of {int(self._sizes[i])} bytes)"
+            )
 
 
 class DirectFile:
@@ -133,10 +265,10 @@ class DirectFile:
         self._closed = False
 
     def read(self, offsets: NDArray[np.int64], size: int | NDArray[np.int64]) -> Staged:
-        """Read ``size`` bytes at each of ``offsets``, all at once; :meth:`Staged.release` after.
+        """Start reading ``size`` bytes at each of ``offsets``, all at once.
 
         ``size`` is one length for every sample (raw rows) or one per sample (encoded
-        ones). OSError on a failed read; a short read (the file shrank) is ``EOFError``.
+        ones). The reads arrive in the returned :class:`Staged`; release it after.
         """
         with self._lock:
             if self._closed:
@@ -145,74 +277,18 @@ class DirectFile:
         if slot is None:
             slot = _Slot()
         try:
-            got = self._read(slot, np.asarray(offsets, np.int64), size)
+            return Staged(self, slot, np.asarray(offsets, np.int64), size)
         except BaseException:
-            self._give_back(slot)
+            self._give_back(slot, reuse=False)
             raise
-        got.release = lambda: self._give_back(slot)
-        return got
 
-    def _give_back(self, slot: _Slot) -> None:
+    def _give_back(self, slot: _Slot, *, reuse: bool) -> None:
         with self._lock:
-            keep = not self._closed and len(self._idle) < _KEEP_SLOTS
+            keep = reuse and not self._closed and len(self._idle) < _KEEP_SLOTS
             if keep:
                 self._idle.append(slot)
         if not keep:
             slot.close()
-
-    def _read(
-        self, slot: _Slot, offsets: NDArray[np.int64], size: int | NDArray[np.int64]
-    ) -> Staged:
-        n = len(offsets)
-        sizes = np.broadcast_to(np.asarray(size, np.int64), (n,))
-        heads = offsets % ALIGN
-        starts = offsets - heads
-        lengths = -(-(heads + sizes) // ALIGN) * ALIGN  # each extent rounded up to ALIGN
-        place = np.zeros(n, np.int64)  # where each extent lands: back to back, all aligned
-        np.cumsum(lengths[:-1], out=place[1:])
-        buf = slot.staging(int(lengths.sum()))
-        t0 = time.perf_counter()
-        for a in range(0, n, _MAX_EVENTS):
-            b = min(n, a + _MAX_EVENTS)
-            k = b - a
-            cb = slot.iocbs[:k]
-            cb["fildes"] = self.fd
-            cb["opcode"] = _IOCB_CMD_PREAD
-            cb["data"] = np.arange(a, b, dtype=np.uint64)
-            cb["buf"] = buf.ctypes.data + place[a:b].astype(np.uint64)
-            cb["nbytes"] = lengths[a:b]
-            cb["offset"] = starts[a:b]
-            sent = 0
-            while sent < k:  # io_submit may take fewer than it was given
-                ptrs = ctypes.c_void_p(
-                    ctypes.addressof(slot.ptrs) + sent * ctypes.sizeof(ctypes.c_void_p)
-                )
-                sent += _sys("submit", slot.ctx, ctypes.c_long(k - sent), ptrs)
-            done = 0
-            while done < k:
-                got = _sys(
-                    "getevents",
-                    slot.ctx,
-                    ctypes.c_long(1),
-                    ctypes.c_long(k - done),
-                    ctypes.c_void_p(slot.events.ctypes.data),
-                    ctypes.c_void_p(0),
-                )
-                ev = slot.events[:got]
-                res = ev["res"]
-                idx = ev["data"].astype(np.int64)
-                if (res < 0).any():
-                    err = int(-res[res < 0][0])
-                    raise OSError(err, f"O_DIRECT read of {self.path}: {os.strerror(err)}")
-                short = res < heads[idx] + sizes[idx]
-                if short.any():
-                    i = int(idx[short][0])
-                    raise EOFError(
-                        f"short read at byte {int(offsets[i])} of {self.path} "
-                        f"({int(res[short][0]) - int(heads[i])} of {int(sizes[i])} bytes)"
-                    )
-                done += got
-        return Staged(buf, (place + heads).tolist(), sizes.tolist(), time.perf_counter() - t0)
 
     def close(self) -> None:
         with self._lock:
@@ -241,8 +317,12 @@ def open_direct(path: str | os.PathLike[str], label: str | None = None) -> Direc
     try:
         size = os.fstat(fd).st_size
         if size:
-            f.read(np.zeros(1, np.int64), min(size, ALIGN)).release()
-    except (OSError, EOFError) as exc:
+            got = f.read(np.zeros(1, np.int64), min(size, ALIGN))
+            try:
+                got.wait()
+            finally:
+                got.release()
+    except (OSError, DirectReadError) as exc:
         f.close()
         return f"direct reads refused: {exc}"
     return f

@@ -57,7 +57,7 @@ from ..errors import FormatError, StaleError
 from ..progress import progress_bar
 from . import lease
 from .codec import decode_image
-from .direct import ALIGN, DirectFile, Staged, open_direct
+from .direct import ALIGN, DirectFile, DirectReadError, Staged, open_direct
 from .header import (
     HEADER_NAME,
     MAX_BYTES,
@@ -323,10 +323,11 @@ class Dataset:
 
     @contextlib.contextmanager
     def staged(self, name: str, ids: NDArray[np.integer]) -> Iterator[Staged]:
-        """Samples ``ids`` of field ``name`` read past the page cache, all at once.
+        """Samples ``ids`` of field ``name`` read past the page cache, all in flight at once.
 
         ``staged.row(k)`` is sample ``ids[k]`` as stored (a raw row's bytes, or an
-        encoded sample's file bytes), valid inside the block only. ``name`` must be one
+        encoded sample's file bytes), once its own read is done (it waits for that one
+        only), valid inside the block only. ``name`` must be one
         of :attr:`direct_fields`; a truncated file is a StaleError.
         """
         spec = self._spec(name)
@@ -349,13 +350,15 @@ class Dataset:
             nbytes = int(size.sum())
         try:
             got = d.read(offsets, size)
-        except (OSError, EOFError, ValueError) as exc:  # ValueError: closed meanwhile
+        except (DirectReadError, OSError, ValueError) as exc:  # ValueError: closed meanwhile
             raise StaleError(self.path / fname, f"direct read failed: {exc}") from None
         try:
-            self.read_stats.add(0, nbytes, got.waited_s)
             yield got
+        except DirectReadError as exc:  # from a row the block waited for
+            raise StaleError(self.path / fname, f"direct read failed: {exc}") from None
         finally:
             got.release()
+            self.read_stats.add(0, nbytes, got.waited_s)
 
     @property
     def reads(self) -> str:

@@ -6,8 +6,8 @@ body's field views; chunks are independent, so a batch is split over threads fre
 While the dataset holds a read lease (``Dataset.mapped``: no one can then truncate the
 pack, so reading the mapping cannot SIGBUS) raw fields are read from the memory map;
 otherwise with ``preadv``. A pack bigger than the memory budget has its big fields, raw
-or encoded, read past the page cache instead: a chunk's samples all at once
-(``Dataset.staged``, :func:`staged_rows`).
+or encoded, read past the page cache instead: a chunk's samples all in flight at once
+(``Dataset.staged``, :func:`staged_rows`), each augmented as soon as it has arrived.
 
 * Raw fields with no ops, or flips only: each field's rows are gathered straight into
   the body (``np.take`` from the mapping, or ``preadv`` in runs of consecutive ids),
@@ -33,6 +33,7 @@ from batchd.wire import Layout, layout
 
 from ..augment import Pipeline
 from ..format import Dataset
+from ..format.direct import Staged
 
 if TYPE_CHECKING:
     from .request import BatchRequest
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
 __all__ = ["body_layout", "filler", "row_bytes", "row_chunks", "walks_alone"]
 
 _MIN_ROWS_PER_CHUNK = 8  # below this, splitting a batch costs more than it saves
+_STREAM_ROWS = 32  # rows of a directly read chunk augmented once their reads are in
 _COPY_LOOP = threading.Lock()
 """Held by a thread walking the samples of a copy-only pipeline over raw fields.
 
@@ -83,37 +85,48 @@ def row_chunks(rows: int, parts: int) -> list[tuple[int, int]]:
     return [(a, b) for a, b in itertools.pairwise(bounds) if b > a]
 
 
-@contextlib.contextmanager
-def staged_rows(
-    ds: Dataset, ids: NDArray[np.int64]
-) -> Iterator[Callable[[int, int], dict[str, NDArray[Any]]]]:
-    """``load(k, i)``: every field of sample ``i = ids[k]``, its direct fields read up front.
+class StagedRows:
+    """The samples of a chunk with their direct fields in flight (:func:`staged_rows`)."""
 
-    Every direct read of ``ids`` is in flight at once (one ``io_submit`` per field),
-    before the caller takes the copy lock or decodes; the other fields (labels, small
-    rows) are read from the page cache. Encoded fields come back decoded.
-    """
-    specs, direct = ds.fields, set(ds.direct_fields)
-    with contextlib.ExitStack() as stack:
-        staged = {
-            name: stack.enter_context(ds.staged(name, ids)) for name in specs if name in direct
-        }
-        scratch = {
+    def __init__(self, ds: Dataset, staged: dict[str, Staged]) -> None:
+        self._ds, self._staged = ds, staged
+        self._scratch = {
             name: np.empty(spec.shape or (), spec.dtype)
-            for name, spec in specs.items()
-            if name not in direct and spec.encoding == "raw"
+            for name, spec in ds.fields.items()
+            if name not in staged and spec.encoding == "raw"
         }
 
-        def field(name: str, k: int, i: int) -> NDArray[Any]:
-            spec = specs[name]
-            st = staged.get(name)
-            if spec.encoding != "raw":
-                return ds.image(name, i) if st is None else ds.decode(name, i, st.row(k))
-            if st is None:
-                return ds.read_row(name, i, scratch[name])
-            return st.row(k).view(spec.dtype).reshape(spec.shape or ())
+    def wait(self, rows: range) -> None:
+        """Wait until the direct reads of chunk rows ``rows`` have arrived."""
+        for st in self._staged.values():
+            st.wait(rows)
 
-        yield lambda k, i: {name: field(name, k, i) for name in specs}
+    def load(self, k: int, i: int) -> dict[str, NDArray[Any]]:
+        """Every field of sample ``i``, the chunk's ``k``-th (encoded fields decoded)."""
+        return {name: self._field(name, k, i) for name in self._ds.fields}
+
+    def _field(self, name: str, k: int, i: int) -> NDArray[Any]:
+        ds, spec, st = self._ds, self._ds.fields[name], self._staged.get(name)
+        if spec.encoding != "raw":
+            return ds.image(name, i) if st is None else ds.decode(name, i, st.row(k))
+        if st is None:
+            return ds.read_row(name, i, self._scratch[name])
+        return st.row(k).view(spec.dtype).reshape(spec.shape or ())
+
+
+@contextlib.contextmanager
+def staged_rows(ds: Dataset, ids: NDArray[np.int64]) -> Iterator[StagedRows]:
+    """The samples ``ids``, every direct read of them in flight at once.
+
+    One ``io_submit`` per direct field, before the caller takes the copy lock or
+    decodes; each sample can be used as soon as its own reads are in
+    (:meth:`StagedRows.load` waits for them). The other fields (labels, small rows)
+    are read from the page cache.
+    """
+    with contextlib.ExitStack() as stack:
+        direct = set(ds.direct_fields)
+        staged = {name: stack.enter_context(ds.staged(name, ids)) for name in direct}
+        yield StagedRows(ds, staged)
 
 
 def walks_alone(ds: Dataset, pipeline: Pipeline) -> bool:
@@ -168,11 +181,17 @@ def filler(
                 maps = {name: np.asarray(ds.array(name)) for name in raw}  # not np.memmap
                 row = lambda name, i: maps[name][i]  # noqa: E731
             elif ds.direct_fields:
-                with staged_rows(ds, ids[a:b]) as staged, serial:
-                    pipeline.run(
-                        lambda r: staged(r - a, int(ids[r])),
-                        ids, seed, epoch, out, range(a, b), fields=specs,
-                    )  # fmt: skip
+                # The copy lock is taken for rows whose reads are in, a few at a time: a
+                # thread waiting on the disk leaves it to one whose rows have arrived.
+                with staged_rows(ds, ids[a:b]) as staged:
+                    for c in range(a, b, _STREAM_ROWS):
+                        part = range(c, min(b, c + _STREAM_ROWS))
+                        staged.wait(range(part.start - a, part.stop - a))
+                        with serial:
+                            pipeline.run(
+                                lambda r: staged.load(r - a, int(ids[r])),
+                                ids, seed, epoch, out, part, fields=specs,
+                            )  # fmt: skip
                 return
             else:
                 # One scratch row per raw field: Pipeline.run consumes each loaded
