@@ -155,15 +155,9 @@ class Staged:
         h = self.starts[k]
         return self.buf[h : h + self.sizes[k]]
 
-    def wait(self, rows: range | None = None) -> None:
-        """Wait for the reads of ``rows`` (all by default): DirectReadError if one failed."""
-        if rows is None:
-            while self._failed is None and (self._flying or self._next < len(self._done)):
-                self._reap()
-            if self._failed is not None:
-                raise DirectReadError(self._failed)
-            return
-        for k in rows:
+    def wait(self) -> None:
+        """Wait for every read: DirectReadError if one failed."""
+        for k in range(len(self._done)):
             while not self._done[k]:
                 self._reap()
 

@@ -41,7 +41,6 @@ if TYPE_CHECKING:
 __all__ = ["body_layout", "filler", "row_bytes", "row_chunks", "walks_alone"]
 
 _MIN_ROWS_PER_CHUNK = 8  # below this, splitting a batch costs more than it saves
-_STREAM_ROWS = 32  # rows of a directly read chunk augmented once their reads are in
 _COPY_LOOP = threading.Lock()
 """Held by a thread walking the samples of a copy-only pipeline over raw fields.
 
@@ -95,11 +94,6 @@ class StagedRows:
             for name, spec in ds.fields.items()
             if name not in staged and spec.encoding == "raw"
         }
-
-    def wait(self, rows: range) -> None:
-        """Wait until the direct reads of chunk rows ``rows`` have arrived."""
-        for st in self._staged.values():
-            st.wait(rows)
 
     def load(self, k: int, i: int) -> dict[str, NDArray[Any]]:
         """Every field of sample ``i``, the chunk's ``k``-th (encoded fields decoded)."""
@@ -181,17 +175,12 @@ def filler(
                 maps = {name: np.asarray(ds.array(name)) for name in raw}  # not np.memmap
                 row = lambda name, i: maps[name][i]  # noqa: E731
             elif ds.direct_fields:
-                # The copy lock is taken for rows whose reads are in, a few at a time: a
-                # thread waiting on the disk leaves it to one whose rows have arrived.
-                with staged_rows(ds, ids[a:b]) as staged:
-                    for c in range(a, b, _STREAM_ROWS):
-                        part = range(c, min(b, c + _STREAM_ROWS))
-                        staged.wait(range(part.start - a, part.stop - a))
-                        with serial:
-                            pipeline.run(
-                                lambda r: staged.load(r - a, int(ids[r])),
-                                ids, seed, epoch, out, part, fields=specs,
-                            )  # fmt: skip
+                # Each row waits for its own reads only: the copies follow the disk.
+                with staged_rows(ds, ids[a:b]) as staged, serial:
+                    pipeline.run(
+                        lambda r: staged.load(r - a, int(ids[r])),
+                        ids, seed, epoch, out, range(a, b), fields=specs,
+                    )  # fmt: skip
                 return
             else:
                 # One scratch row per raw field: Pipeline.run consumes each loaded

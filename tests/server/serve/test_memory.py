@@ -17,7 +17,6 @@ from numpy.typing import NDArray
 from batchd.wire import decode_batch
 from batchd_server.format import Dataset, open_dataset, reader
 from batchd_server.format.direct import open_direct
-from batchd_server.serve import fill
 from batchd_server.serve.engine import Engine, EngineConfig
 from batchd_server.serve.memory import MemoryPlan, _cgroup_limit, plan
 from batchd_server.serve.metrics import dataset_resident_bytes
@@ -234,9 +233,8 @@ AUG64 = '[{"op":"random_crop","size":40},{"op":"hflip"}]'
 
 @pytest.mark.parametrize(("make", "images"), [(tiny_pack, "image.raw"), (jpeg_pack, "image.data")])
 def test_an_engine_over_budget_reads_directly_with_the_same_bytes(
-    tmp_path: Path, make: Callable[..., Path], images: str, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, make: Callable[..., Path], images: str
 ) -> None:
-    monkeypatch.setattr(fill, "_STREAM_ROWS", 3)  # a batch of 8 is augmented in parts 3, 3, 2
     root = tmp_path / "data"
     make(root / "tiny", n=40, hw=64)
     got = open_direct(root / "tiny" / images)
