@@ -33,7 +33,6 @@ from batchd.wire import Layout, layout
 
 from ..augment import Pipeline
 from ..format import Dataset
-from ..format.direct import Staged
 
 if TYPE_CHECKING:
     from .request import BatchRequest
@@ -84,43 +83,38 @@ def row_chunks(rows: int, parts: int) -> list[tuple[int, int]]:
     return [(a, b) for a, b in itertools.pairwise(bounds) if b > a]
 
 
-class StagedRows:
-    """The samples of a chunk with their direct fields in flight (:func:`staged_rows`)."""
+@contextlib.contextmanager
+def staged_rows(
+    ds: Dataset, ids: NDArray[np.int64]
+) -> Iterator[Callable[[int, int], dict[str, NDArray[Any]]]]:
+    """``load(k, i)``: every field of sample ``i = ids[k]``, its direct reads in flight.
 
-    def __init__(self, ds: Dataset, staged: dict[str, Staged]) -> None:
-        self._ds, self._staged = ds, staged
-        self._scratch = {
+    Every direct read of ``ids`` is submitted at once (one ``io_submit`` per field),
+    before the caller takes the copy lock or decodes; ``load`` waits for sample ``k``'s
+    own reads only, so each sample is used as soon as it has arrived. The other fields
+    (labels, small rows) are read from the page cache. Encoded fields come back decoded.
+    """
+    specs, direct = ds.fields, set(ds.direct_fields)
+    with contextlib.ExitStack() as stack:
+        staged = {
+            name: stack.enter_context(ds.staged(name, ids)) for name in specs if name in direct
+        }
+        scratch = {
             name: np.empty(spec.shape or (), spec.dtype)
-            for name, spec in ds.fields.items()
-            if name not in staged and spec.encoding == "raw"
+            for name, spec in specs.items()
+            if name not in direct and spec.encoding == "raw"
         }
 
-    def load(self, k: int, i: int) -> dict[str, NDArray[Any]]:
-        """Every field of sample ``i``, the chunk's ``k``-th (encoded fields decoded)."""
-        return {name: self._field(name, k, i) for name in self._ds.fields}
+        def field(name: str, k: int, i: int) -> NDArray[Any]:
+            spec = specs[name]
+            st = staged.get(name)
+            if spec.encoding != "raw":
+                return ds.image(name, i) if st is None else ds.decode(name, i, st.row(k))
+            if st is None:
+                return ds.read_row(name, i, scratch[name])
+            return st.row(k).view(spec.dtype).reshape(spec.shape or ())
 
-    def _field(self, name: str, k: int, i: int) -> NDArray[Any]:
-        ds, spec, st = self._ds, self._ds.fields[name], self._staged.get(name)
-        if spec.encoding != "raw":
-            return ds.image(name, i) if st is None else ds.decode(name, i, st.row(k))
-        if st is None:
-            return ds.read_row(name, i, self._scratch[name])
-        return st.row(k).view(spec.dtype).reshape(spec.shape or ())
-
-
-@contextlib.contextmanager
-def staged_rows(ds: Dataset, ids: NDArray[np.int64]) -> Iterator[StagedRows]:
-    """The samples ``ids``, every direct read of them in flight at once.
-
-    One ``io_submit`` per direct field, before the caller takes the copy lock or
-    decodes; each sample can be used as soon as its own reads are in
-    (:meth:`StagedRows.load` waits for them). The other fields (labels, small rows)
-    are read from the page cache.
-    """
-    with contextlib.ExitStack() as stack:
-        direct = set(ds.direct_fields)
-        staged = {name: stack.enter_context(ds.staged(name, ids)) for name in direct}
-        yield StagedRows(ds, staged)
+        yield lambda k, i: {name: field(name, k, i) for name in specs}
 
 
 def walks_alone(ds: Dataset, pipeline: Pipeline) -> bool:
@@ -178,7 +172,7 @@ def filler(
                 # Each row waits for its own reads only: the copies follow the disk.
                 with staged_rows(ds, ids[a:b]) as staged, serial:
                     pipeline.run(
-                        lambda r: staged.load(r - a, int(ids[r])),
+                        lambda r: staged(r - a, int(ids[r])),
                         ids, seed, epoch, out, range(a, b), fields=specs,
                     )  # fmt: skip
                 return
