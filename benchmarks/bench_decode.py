@@ -214,7 +214,8 @@ def shared_line(
 
 
 def tf_line(files: list[Path], labels: list[int], mode: str, reps: int) -> dict[str, Any]:
-    return tf_best(lambda parallel: _tf_run(files, labels, mode, reps, parallel))
+    paths = [str(f) for f in files]
+    return tf_best(lambda parallel: run_tf(_TF_SCRIPT, [paths, labels, mode, reps, 256, parallel]))
 
 
 def tf_best(run: Callable[[int | None], dict[str, Any]]) -> dict[str, Any]:
@@ -235,21 +236,22 @@ def tf_best(run: Callable[[int | None], dict[str, Any]]) -> dict[str, Any]:
     return {**timed[best], "num_parallel_calls": best, "variants": got}
 
 
-def _tf_run(
-    files: list[Path], labels: list[int], mode: str, reps: int, parallel: int | None
-) -> dict[str, Any]:
+def run_tf(script: str, args: list[Any]) -> dict[str, Any]:
+    """``script`` run by the TensorFlow venv's Python, ``args`` as JSON on its stdin.
+
+    The script prints ``{"rates": [...], "version": ...}`` last; a missing venv or a
+    failed run is ``{"skipped": why}``.
+    """
     python = TF_VENV / "bin" / "python"
     if not python.exists():
         setup = "python -m benchmarks.bench_decode --setup-tf"
         return {"skipped": f"no TensorFlow venv at {TF_VENV}: {setup}"}
-    payload = json.dumps([[str(f) for f in files], labels, mode, reps, 256, parallel])
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     done = subprocess.run(
-        [str(python), "-c", _TF_SCRIPT],
-        input=payload,
+        [str(python), "-c", script],
+        input=json.dumps(args),
         capture_output=True,
         text=True,
-        env=env,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
         timeout=1800,
     )
     if done.returncode != 0:

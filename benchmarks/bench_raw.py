@@ -30,7 +30,6 @@ import argparse
 import json
 import os
 import random
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -39,7 +38,7 @@ import numpy as np
 
 from ._data import ensure_packs, image_set
 from ._harness import BenchConfig, serve, stat
-from .bench_decode import TF_VENV, _cpu_s, tf_best
+from .bench_decode import _cpu_s, run_tf, tf_best
 from .bench_loaders import WORKLOADS
 from .bench_loaders import run as run_contender
 
@@ -145,26 +144,9 @@ def batchd_line(
 
 
 def tf_line(array_path: Path, crop: int, reps: int) -> dict[str, Any]:
-    return tf_best(lambda parallel: _tf_run(array_path, crop, reps, parallel))
-
-
-def _tf_run(array_path: Path, crop: int, reps: int, parallel: int | None) -> dict[str, Any]:
-    python = TF_VENV / "bin" / "python"
-    if not python.exists():
-        setup = "python -m benchmarks.bench_decode --setup-tf"
-        return {"skipped": f"no TensorFlow venv at {TF_VENV}: {setup}"}
-    done = subprocess.run(
-        [str(python), "-c", _TF_SCRIPT],
-        input=json.dumps([str(array_path), crop, reps, 256, parallel]),
-        capture_output=True,
-        text=True,
-        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
-        timeout=1800,
+    return tf_best(
+        lambda parallel: run_tf(_TF_SCRIPT, [str(array_path), crop, reps, 256, parallel])
     )
-    if done.returncode != 0:
-        return {"skipped": f"tf.data failed: {done.stderr.strip()[-500:]}"}
-    out = json.loads(done.stdout.strip().splitlines()[-1])
-    return {"images_per_s": stat(out["rates"]).as_dict(), "tensorflow": out["version"]}
 
 
 def main(argv: list[str] | None = None) -> None:
