@@ -11,7 +11,7 @@ Both are only touched from the event loop thread, so they take no locks.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from typing import Generic, TypeVar
 
 import numpy as np
@@ -74,8 +74,17 @@ class ByteLRU(Generic[K]):
     def __contains__(self, key: K) -> bool:
         return key in self._items
 
-    def put(self, key: K, body: NDArray[np.uint8]) -> None:
-        """Keep ``body`` unless it alone is over capacity; evict the oldest to fit."""
+    def put(
+        self,
+        key: K,
+        body: NDArray[np.uint8],
+        wanted: Callable[[K, NDArray[np.uint8]], bool] | None = None,
+    ) -> None:
+        """Keep ``body`` unless it alone is over capacity; evict the oldest to fit.
+
+        Bodies for which ``wanted(key, body)`` is true (someone will still ask for them)
+        are evicted only once the others are not enough.
+        """
         if body.nbytes > self.capacity:
             return
         old = self._items.pop(key, None)
@@ -83,6 +92,12 @@ class ByteLRU(Generic[K]):
             self.nbytes -= old.nbytes
         self._items[key] = body
         self.nbytes += body.nbytes
+        if self.nbytes > self.capacity and wanted is not None:
+            for k in list(self._items):  # oldest first
+                if k != key and not wanted(k, self._items[k]):
+                    self.nbytes -= self._items.pop(k).nbytes
+                    if self.nbytes <= self.capacity:
+                        break
         while self.nbytes > self.capacity:
             _, evicted = self._items.popitem(last=False)
             self.nbytes -= evicted.nbytes

@@ -55,6 +55,7 @@ from .info import dataset_info
 from .memory import MemoryPlan
 from .memory import plan as memory_plan
 from .metrics import Metrics, resident_share
+from .peers import Peers
 from .pool import ByteGate, PriorityPool
 from .readahead import ReadAhead
 from .registry import Registry
@@ -71,6 +72,7 @@ _FOREGROUND = 0
 _READAHEAD = 1
 _BODY_OVERHEAD = 64 * 1024  # msgpack headers and alignment pads of one body, generously
 _ACTIVE_S = 10.0  # a job that asked for a batch this recently shares the read-ahead budget
+_HOLD_S = 1.0  # the longest a trainer waits for its job's peers to catch up (peers.py)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -184,6 +186,8 @@ class Engine:
         self._orders = LRU(8)
         self.split_ids = SplitIds(self._pool)
         self.board = JobBoard()  # live jobs for GET /v1/status
+        self.peers = Peers()  # each trainer's place in its job, to keep them together
+        self._taken = asyncio.Event()  # set (and replaced) whenever a batch is answered
         with contextlib.suppress(ImportError):  # one OpenCV thread per pool worker
             import cv2
 
@@ -301,6 +305,9 @@ class Engine:
         req.check_k(prep.plan)
         label = job_label(req.dataset, prep.job)
         self.metrics.job_progress(label, req.k)
+        client = None if mark is None else mark.client
+        if client is not None and prep.key not in self._cache and prep.key not in self._flights:
+            await self._keep_up(prep, client)
         source: Literal["hit", "miss", "join"]
         body = self._cache.get(prep.key)
         if body is not None:
@@ -325,11 +332,47 @@ class Engine:
                 flight = self._start(prep, _FOREGROUND)
             # shield: a client that hangs up does not cancel work others may join.
             body = await asyncio.shield(flight.task)
-        self._read_ahead(prep)
+        if client is not None:
+            self.peers.served(prep.job, req.k, client, self._reach(prep))
+            self._taken.set()
+            self._taken = asyncio.Event()
+        self._read_ahead(prep, client)
         await self._announce(prep)
         self.board.served(prep.req, prep.plan, prep.pipeline.canonical, prep.job, label, mark)
         cached = prep.key in self._cache
         return Served(body, source, ds.fingerprint, prep.plan.num_batches, cached)
+
+    def _reach(self, prep: Prepared) -> int:
+        """How many of ``prep``'s bodies the cache holds at once (at least one)."""
+        return max(1, self._cache.capacity // max(1, self._body_bytes(prep)))
+
+    async def _keep_up(self, prep: Prepared, client: str) -> None:
+        """Hold ``client`` while its batch would push out bodies its job's peers still need.
+
+        Only for a pack that does not fit the memory budget: there a body made again is
+        read from disk again. The wait is at most :data:`_HOLD_S`; peers still behind
+        then are let go (:class:`~.peers.Peers`).
+        """
+        if self._cache.capacity == 0 or self.memory.fits(prep.dataset.nbytes):
+            return
+        reach, start, held = self._reach(prep), time.monotonic(), False
+        while behind := self.peers.behind(prep.job, prep.req.k, client, reach):
+            held = True
+            left = start + _HOLD_S - time.monotonic()
+            if left <= 0:
+                self.peers.let_go(prep.job, behind)
+                break
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._taken.wait(), left)
+            if prep.key in self._cache or prep.key in self._flights:
+                break  # a peer asked for it meanwhile: join it
+        if held:
+            self.metrics.peer_holds.inc()
+            self.metrics.peer_hold_seconds.inc(time.monotonic() - start)
+
+    def _wanted(self, key: tuple[Any, ...], body: NDArray[np.uint8]) -> bool:
+        """Whether a trainer close behind in ``key``'s job has yet to take this body."""
+        return self.peers.wanted(key[:-1], key[-1], max(1, self._cache.capacity // body.nbytes))
 
     def load(self) -> dict[str, int]:
         """How busy the engine is now: queued work, batches computing, cache and read-ahead."""
@@ -352,7 +395,7 @@ class Engine:
 
     async def _compute_into_cache(self, prep: Prepared, flight: _Flight) -> NDArray[np.uint8]:
         body = await self._compute(prep, flight)
-        self._cache.put(prep.key, body)
+        self._cache.put(prep.key, body, self._wanted)
         self.metrics.cache_bytes.set(self._cache.nbytes)
         return body
 
@@ -447,7 +490,7 @@ class Engine:
             return self.shm.seal(lay.body)
         return lay.body
 
-    def _read_ahead(self, prep: Prepared) -> None:
+    def _read_ahead(self, prep: Prepared, client: str | None) -> None:
         limit = max(1, self.config.readahead) * max(1, self.config.threads)
         # A body computed ahead waits in the cache: more of them than it holds would be
         # evicted before their request, and each costs a body of memory while computing.
@@ -460,6 +503,12 @@ class Engine:
                 continue
             if self._readahead_flights >= limit or self._cache.capacity == 0:
                 return
+            if (
+                client is not None
+                and not self.memory.fits(prep.dataset.nbytes)
+                and self.peers.behind(prep.job, j, client, self._reach(prep))
+            ):
+                return  # it would push out what the job's slower trainers still need
             nxt = Prepared(
                 dataclasses.replace(prep.req, k=j),
                 prep.dataset,

@@ -228,6 +228,16 @@ class Metrics:
             "Pack bytes announced to the kernel ahead of need (posix_fadvise WILLNEED)",
             registry=r,
         )
+        self.peer_holds = Counter(
+            "batchd_peer_holds",
+            "Requests held so that a job's slower trainers take the bodies it would push out",
+            registry=r,
+        )
+        self.peer_hold_seconds = Counter(
+            "batchd_peer_hold_seconds",
+            "Seconds requests were held for their job's slower trainers",
+            registry=r,
+        )
         self.cache_bytes = Gauge(
             "batchd_cache_bytes", "Bytes of finished batch bodies held in the cache", registry=r
         )
