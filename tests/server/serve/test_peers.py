@@ -15,7 +15,7 @@ import pytest
 from batchd_server.serve import engine as engine_mod
 from batchd_server.serve.cache import ByteLRU
 from batchd_server.serve.engine import Engine, EngineConfig
-from batchd_server.serve.memory import MemoryPlan
+from batchd_server.serve.memory import plan
 from batchd_server.serve.peers import PEER_ACTIVE_S, Peers
 from batchd_server.serve.registry import Registry
 from batchd_server.serve.request import BatchRequest
@@ -93,14 +93,8 @@ def test_the_cache_evicts_what_nobody_wants_first() -> None:
 # --- the engine -------------------------------------------------------------------------
 
 # A budget the tiny pack does not fit: its batches are costly to make again.
-OVER = MemoryPlan(
-    budget=4096,
-    source="test",
-    cache_bytes=0,
-    idle_body_bytes=0,
-    readahead_bytes=1 << 20,
-    compute_bytes=1 << 20,
-)
+# (Room to compute a few bodies at once.)
+OVER = dataclasses.replace(plan(budget=4096), compute_bytes=1 << 20)
 AUG = '[{"op":"random_crop","size":12},{"op":"hflip"}]'
 BATCHES = 10  # tiny: 40 samples, batch 4
 
