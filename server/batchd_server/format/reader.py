@@ -496,6 +496,16 @@ class Dataset:
         spec = self._spec(name, "raw")
         return self._maps[spec.files()[0]]
 
+    def stored(self, name: str) -> tuple[NDArray[np.uint8], NDArray[np.int64]]:
+        """An encoded field's data file as a read-only mapping, and its ``count + 1``
+        offsets: sample ``i`` as stored is ``data[offsets[i]:offsets[i + 1]]``.
+
+        The server reads the mapping only inside a :meth:`mapped` block that yielded
+        True, as it reads :meth:`array`'s.
+        """
+        data, offs, _ = self._spec(name, "image").files()
+        return np.asarray(self._maps[data]), self._maps[offs]
+
     # --- reads that cannot SIGBUS (the server's path) ----------------------------
     # Touching a mapped page past the end of a file truncated since it was mapped is a
     # SIGBUS, which kills the whole server; check() narrows the window but cannot close

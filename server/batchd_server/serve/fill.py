@@ -14,7 +14,7 @@ or encoded, read past the page cache instead: a chunk's samples all in flight at
   then flipped in place.
 * Any other pipeline: each sample is loaded and augmented into its row. Raw fields are
   views of the mapping, or a ``preadv`` copy into a scratch row; encoded fields are
-  decoded.
+  decoded from the mapping, or from a ``preadv`` copy.
 """
 
 from __future__ import annotations
@@ -117,6 +117,19 @@ def staged_rows(
         yield lambda k, i: {name: field(name, k, i) for name in specs}
 
 
+def _mapped_images(ds: Dataset, names: list[str]) -> Callable[[str, int], NDArray[Any]]:
+    """``image(name, i)``: encoded sample ``i`` decoded straight from the pack's mapping
+    (inside a :meth:`Dataset.mapped` block only). No bytes copied out and no system call:
+    a ``preadv`` into a fresh buffer was about 5% of a gather thread's time here."""
+    stored = {name: ds.stored(name) for name in names}
+
+    def image(name: str, i: int) -> NDArray[Any]:
+        data, offsets = stored[name]
+        return ds.decode(name, i, data[offsets[i] : offsets[i + 1]])
+
+    return image
+
+
 def walks_alone(ds: Dataset, pipeline: Pipeline) -> bool:
     """True when one thread at a time walks the samples of ``pipeline`` over ``ds``
     (``_COPY_LOOP``): splitting such a batch into row chunks gains nothing."""
@@ -165,9 +178,11 @@ def filler(
                 with serial:
                     pipeline.run_arrays(arrays, ids, seed, epoch, out, range(a, b), fields=specs)
                 return
+            image: Callable[[str, int], NDArray[Any]] = ds.image
             if mapped:  # views of the mapping: no copy at all
                 maps = {name: np.asarray(ds.array(name)) for name in raw}  # not np.memmap
                 row = lambda name, i: maps[name][i]  # noqa: E731
+                image = _mapped_images(ds, encoded)
             elif ds.direct_fields:
                 # Each row waits for its own reads only: the copies follow the disk.
                 with staged_rows(ds, ids[a:b]) as staged, serial:
@@ -189,7 +204,7 @@ def filler(
             def load(r: int) -> dict[str, NDArray[Any]]:
                 i = int(ids[r])
                 sample = {name: row(name, i) for name in raw}
-                sample.update((name, ds.image(name, i)) for name in encoded)
+                sample.update((name, image(name, i)) for name in encoded)
                 return sample
 
             with serial:

@@ -17,7 +17,7 @@ from numpy.typing import NDArray
 from batchd_server.augment import Pipeline
 from batchd_server.format import Dataset, open_dataset
 from batchd_server.serve.fill import filler, walks_alone
-from serverproc import tiny_pack
+from serverproc import jpeg_pack, tiny_pack
 
 CROP_FLIP = '[{"op":"random_crop","size":12},{"op":"hflip"}]'
 CROP_BRIGHTEN = '[{"op":"random_crop","size":12},{"op":"brightness","delta":0.2}]'
@@ -34,10 +34,12 @@ def _direct(monkeypatch: pytest.MonkeyPatch, direct: bool) -> None:
     monkeypatch.setattr(Dataset, "mapped", mapped)
 
 
-def _batch(tmp_path: Path, spec: str) -> tuple[Dataset, Pipeline, NDArray[np.int64], Out]:
-    ds = open_dataset(tiny_pack(tmp_path / "tiny"))
+def _batch(
+    tmp_path: Path, spec: str, *, jpeg: bool = False
+) -> tuple[Dataset, Pipeline, NDArray[np.int64], Out]:
+    ds = open_dataset(jpeg_pack(tmp_path / "jpeg") if jpeg else tiny_pack(tmp_path / "tiny"))
     pipeline = Pipeline.parse(spec)
-    ids = np.array([5, 0, 31, 7, 7, 12, 3, 30] * 4, dtype=np.int64)
+    ids = np.array([5, 0, 21, 7, 7, 12, 3, 20] * 4, dtype=np.int64)
     out = {
         name: np.zeros((len(ids), *shape), dt)
         for name, (dt, shape) in pipeline.output_fields(ds.fields).items()
@@ -80,20 +82,37 @@ def _most_at_once(tmp_path: Path, spec: str, monkeypatch: pytest.MonkeyPatch, di
     return most
 
 
+@pytest.mark.parametrize("jpeg", [False, True], ids=["raw", "jpeg"])
 @pytest.mark.parametrize("spec", [CROP_FLIP, CROP_BRIGHTEN])
 def test_the_mapped_path_gives_the_bytes_of_the_preadv_path(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, spec: str
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, spec: str, jpeg: bool
 ) -> None:
+    # Encoded samples are decoded straight from the mapping, or from a preadv copy.
     got = []
     for direct in (False, True):
         _direct(monkeypatch, direct)
-        ds, pipeline, ids, out = _batch(tmp_path / str(direct), spec)
+        ds, pipeline, ids, out = _batch(tmp_path / str(direct), spec, jpeg=jpeg)
         fill = filler(ds, pipeline, ids, 3, 2, out)
         fill(0, 16)
         fill(16, 32)
+        if jpeg and spec == CROP_FLIP:  # each row is its own sample's decode, cropped
+            want = [ds.image("image", int(i)) for i in ids]
+            assert all(_is_crop(out["image"][r], want[r]) for r in range(len(ids)))
         ds.close()
         got.append({name: buf.tobytes() for name, buf in out.items()})
+        assert got[-1]["image"] != bytes(len(got[-1]["image"]))
     assert got[0] == got[1]
+
+
+def _is_crop(row: NDArray[np.uint8], img: NDArray[np.uint8]) -> bool:
+    """Whether ``row`` is a window of ``img``, mirrored or not."""
+    h, w = row.shape[:2]
+    return any(
+        np.array_equal(row, src[t : t + h, x : x + w])
+        for src in (img, img[:, ::-1])
+        for t in range(img.shape[0] - h + 1)
+        for x in range(img.shape[1] - w + 1)
+    )
 
 
 @pytest.mark.parametrize("direct", [False, True], ids=["preadv", "mapped"])
