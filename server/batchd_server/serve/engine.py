@@ -494,7 +494,7 @@ class Engine:
         limit = max(1, self.config.readahead) * max(1, self.config.threads)
         # A body computed ahead waits in the cache: more of them than it holds would be
         # evicted before their request, and each costs a body of memory while computing.
-        limit = min(limit, max(1, self._cache.capacity // max(1, self._body_bytes(prep))))
+        limit = min(limit, self._reach(prep))
         for j in range(
             prep.req.k + 1, min(prep.req.k + 1 + self.config.readahead, prep.plan.num_batches)
         ):
