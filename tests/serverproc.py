@@ -137,6 +137,16 @@ class ServerProcess:
                 return False
             return True
 
+    def stacks(self, wait: float = 1.0) -> str:
+        """Every server thread's stack (SIGUSR1, which ``batchd serve`` answers on stderr):
+        what a server that stopped answering was doing. Empty if it is not running."""
+        if self.proc is None or self.proc.poll() is not None:
+            return ""
+        before = len(self.log())
+        self.proc.send_signal(signal.SIGUSR1)
+        time.sleep(wait)
+        return self.log()[before:]
+
     def stop(self) -> int | None:
         """SIGTERM, wait, SIGKILL if needed; returns the exit code."""
         proc, self.proc = self.proc, None

@@ -417,6 +417,9 @@ def _hammer(
                 i += 1
                 r = c.get(f"/v1/datasets/{dataset}/batches/0", params=params(i))
                 outcomes[check(r)] += 1
+    except httpx.TimeoutException as exc:
+        # A server that stops answering fails the test; say what its threads were doing.
+        errors.append(RuntimeError(f"{exc!r} on {dataset}; server stacks:\n{srv.stacks()}"))
     except BaseException as exc:
         errors.append(exc)
 

@@ -7,9 +7,12 @@ SIGTERM (``docker stop``) drains in-flight requests for up to 10 s before exitin
 
 from __future__ import annotations
 
+import contextlib
+import faulthandler
 import logging
 import os
 import re
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -281,6 +284,10 @@ def serve(
         max_batch_bytes=max_batch_bytes,
         max_inflight=max_inflight,
     )
+    # `kill -USR1 <pid>` prints every thread's stack to stderr: what a stuck server is doing.
+    # No dump where stderr is not a file (serve run in-process, as the CLI tests do).
+    with contextlib.suppress(AttributeError, OSError, ValueError):
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
     if leases:
         from ..format import lease
 

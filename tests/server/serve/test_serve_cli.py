@@ -212,3 +212,13 @@ def test_sigterm_exits_cleanly(data: Path) -> None:
         # expects); -SIGKILL would mean it hung past the grace period.
         assert srv.stop() in (0, -signal.SIGTERM)
         assert "Traceback" not in srv.log()
+
+
+def test_sigusr1_prints_thread_stacks_and_keeps_serving(data: Path) -> None:
+    srv = ServerProcess(data)
+    with srv, srv.client() as c:
+        stacks = srv.stacks()
+        # faulthandler's dump: one block per thread, the main one running uvicorn's loop.
+        assert "Current thread" in stacks or "Thread 0x" in stacks, stacks
+        assert "uvicorn" in stacks, stacks
+        assert c.get("/v1/datasets/tiny/batches/0", params={"batch_size": 4}).status_code == 200
